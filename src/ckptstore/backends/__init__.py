@@ -1,0 +1,111 @@
+"""How a URL becomes a filesystem, and what each storage family adds to fsspec.
+
+Backends are fsspec filesystems, not wrappers around them. A backend class only
+says what fsspec does not: which checksum the service keeps for an object and
+how to read it, how to write a small object atomically there, which errors are
+worth retrying. Any fsspec protocol without an entry here still works through
+:class:`~ckptstore.backends.base.Backend`, which verifies by reading back.
+
+Like fsspec's own registry, entries are string paths imported only when used,
+each with the extra that provides its client, so a missing dependency says how
+to fix it instead of failing with a bare ImportError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.core import split_protocol
+
+from ckptstore.backends.base import Backend
+from ckptstore.errors import ConfigurationError, MissingExtraError
+from ckptstore.redaction import redact_url
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendEntry:
+    backend: str  # "module:Class" of the ckptstore Backend
+    client: str | None = None  # module that must import for the protocol to work
+    extra: str | None = None  # pip extra that installs the client
+
+
+_GENERIC = "ckptstore.backends.base:Backend"
+_LOCAL = "ckptstore.backends.local:LocalBackend"
+
+REGISTRY: dict[str, BackendEntry] = {
+    "file": BackendEntry(_LOCAL),
+    "local": BackendEntry(_LOCAL),
+    "memory": BackendEntry(_GENERIC),
+    "s3": BackendEntry(_GENERIC, "s3fs", "s3"),
+    "s3a": BackendEntry(_GENERIC, "s3fs", "s3"),
+    "gs": BackendEntry(_GENERIC, "gcsfs", "gcs"),
+    "gcs": BackendEntry(_GENERIC, "gcsfs", "gcs"),
+}
+
+
+def is_remote_url(directory: str) -> bool:
+    """True when ``directory`` names a protocol (``s3://``, ``file://``, ...)."""
+    protocol, _ = split_protocol(directory)
+    return protocol is not None and len(protocol) > 1  # "C:\\..." is a Windows drive
+
+
+def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Backend, str]:
+    """Return the backend for ``url`` and the path of its root inside the filesystem.
+
+    Example::
+
+        >>> backend, root = resolve("memory://runs/seven")
+        >>> root
+        '/runs/seven'
+
+    Raises:
+        ConfigurationError: unknown protocol or malformed URL.
+        MissingExtraError: the protocol's client library is not installed.
+    """
+    shown = redact_url(url)
+    protocol, _ = split_protocol(url)
+    if protocol is None:
+        protocol = "file"
+    protocol = protocol.lower()
+    entry = REGISTRY.get(protocol)
+    if entry is None:
+        if protocol not in fsspec.available_protocols():
+            known = ", ".join(sorted(p + "://" for p in REGISTRY))
+            raise ConfigurationError(
+                f"Unknown protocol {protocol + '://'!r} in {shown}. ckptstore supports {known}, "
+                "a local path, and any protocol fsspec knows "
+                "(fsspec.available_protocols())."
+            )
+        entry = BackendEntry(_GENERIC)
+    if entry.client is not None:
+        try:
+            importlib.import_module(entry.client)
+        except ImportError as exc:
+            raise MissingExtraError(
+                f"{shown} needs the {entry.client} package, which is not installed "
+                f"({exc.msg}). Install it with: pip install 'ckptstore[{entry.extra}]'"
+            ) from None
+    try:
+        fs_class = fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        raise MissingExtraError(f"{shown}: {exc}") from None
+    options = dict(storage_options or {})
+    try:
+        fs = fs_class(**options)
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"storage_options for {shown} were not accepted by {fs_class.__name__}: {exc}. "
+            "Check the option names against that filesystem's documentation."
+        ) from None
+    root = fs._strip_protocol(url).rstrip("/")
+    if not root or root in (".",):
+        raise ConfigurationError(
+            f"{shown} names no directory; give a path, e.g. {protocol}://bucket/run-1"
+        )
+    module_name, class_name = entry.backend.split(":")
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    return backend_class(fs), root

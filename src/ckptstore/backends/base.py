@@ -1,0 +1,84 @@
+"""The default backend: what ckptstore needs from any fsspec filesystem.
+
+A service that keeps no checksum of its own is verified by reading each object
+back and hashing it (DESIGN.md step 4). Small objects (manifests, the state
+file) are written with one ``pipe_file``, which is a single atomic PUT on object
+stores and an atomic assignment for ``memory://``; filesystems where a write is
+visible while in progress override :meth:`Backend.write_atomic`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fsspec import AbstractFileSystem
+
+from ckptstore.manifest import FileEntry, StreamHasher
+
+_READ_CHUNK = 8 * 1024 * 1024
+
+
+class Backend:
+    """fsspec filesystem plus the few facts ckptstore needs about its service."""
+
+    #: Whether manifests must carry MD5 because the service reports only that.
+    needs_md5 = False
+    #: Errors worth retrying with backoff; anything else fails the operation at once.
+    transient_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+    def __init__(self, fs: AbstractFileSystem):
+        self.fs = fs
+
+    def __repr__(self) -> str:  # never shows storage_options: they may hold credentials
+        return f"{type(self).__name__}(protocol={self.protocol!r})"
+
+    @property
+    def protocol(self) -> str:
+        p = self.fs.protocol
+        return p[0] if isinstance(p, (tuple, list)) else p
+
+    def make_dirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write a small object so that readers see all of it or none of it."""
+        self.fs.pipe_file(path, data)
+
+    def upload(self, local_path: str, remote_path: str, callback: Any = None) -> None:
+        self.fs.put_file(local_path, remote_path, callback=callback)
+
+    def stored_checksum(self, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
+        """``("crc32c" | "md5", hex)`` as the service records it, or ``None`` if it keeps none."""
+        return None
+
+    def verify(self, path: str, entry: FileEntry) -> str | None:
+        """Compare the stored object with its manifest entry.
+
+        Returns ``None`` when it matches, else a sentence saying what differs.
+        """
+        info = self.fs.info(path)
+        size = info.get("size")
+        if size is not None and size != entry.size:
+            return f"{entry.name}: stored size {size} != manifest size {entry.size}"
+        stored = self.stored_checksum(path, info)
+        if stored is not None:
+            kind, value = stored
+            expected = entry.crc32c if kind == "crc32c" else entry.md5
+            if expected is not None:
+                if value.lower() != expected:
+                    return f"{entry.name}: stored {kind} {value} != manifest {expected}"
+                return None
+        return self._verify_by_reading_back(path, entry)
+
+    def _verify_by_reading_back(self, path: str, entry: FileEntry) -> str | None:
+        hasher = StreamHasher()
+        with self.fs.open(path, "rb", block_size=_READ_CHUNK) as stream:
+            while chunk := stream.read(_READ_CHUNK):
+                hasher.update(chunk)
+        if hasher.size != entry.size:
+            return f"{entry.name}: read back {hasher.size} bytes, manifest says {entry.size}"
+        if hasher.crc32c_hex() != entry.crc32c:
+            return (
+                f"{entry.name}: read-back crc32c {hasher.crc32c_hex()} != manifest {entry.crc32c}"
+            )
+        return None

@@ -1,0 +1,52 @@
+"""The exceptions ckptstore raises.
+
+Every message names what went wrong, the URL involved (credentials removed) and
+what to do about it. They all derive from :class:`CkptStoreError`, so one
+``except ckptstore.CkptStoreError`` catches everything the library raises on
+purpose.
+"""
+
+from __future__ import annotations
+
+
+class CkptStoreError(Exception):
+    """Base class of every error ckptstore raises on purpose."""
+
+
+class ConfigurationError(CkptStoreError, ValueError):
+    """The manager was given arguments it cannot work with (bad URL, unwritable staging)."""
+
+
+class MissingExtraError(CkptStoreError, ImportError):
+    """The URL needs an optional dependency that is not installed."""
+
+
+class ManifestError(CkptStoreError, ValueError):
+    """A manifest is malformed or describes something unsafe; it is never trusted."""
+
+
+class UploadError(CkptStoreError):
+    """One or more checkpoints could not be uploaded, verified and committed.
+
+    Raised by :meth:`CheckpointManager.sync` and :meth:`CheckpointManager.close`.
+    ``failures`` maps each checkpoint prefix name to the error that stopped it.
+    Nothing already committed on the remote was touched, and the staged files of
+    the failed checkpoints stay in the staging directory, so the next manager
+    started on the same staging directory uploads them.
+    """
+
+    def __init__(self, message: str, failures: dict[str, BaseException] | None = None):
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+
+class VerificationError(CkptStoreError):
+    """A stored object does not match its manifest (size or checksum)."""
+
+
+class RestoreError(CkptStoreError):
+    """No committed checkpoint on the remote could be downloaded and verified."""
+
+
+class RemoteUnavailableError(CkptStoreError, ConnectionError):
+    """The remote could not be reached even after retrying."""

@@ -1,0 +1,330 @@
+"""The manifest: what a committed checkpoint consists of, and proof of each byte.
+
+A checkpoint exists for a reader only once its manifest is stored beside its
+data (``<prefix>.manifest.json``, e.g. ``ckpt-7.manifest.json``). The manifest
+lists every file of the checkpoint with its size and CRC32C (the checksum GCS
+and S3 keep natively; MD5 is added where a backend only keeps that), plus the
+checkpoint number, step, timestamp, writer and versions.
+
+A manifest read from a remote is untrusted input: :meth:`Manifest.from_json`
+rejects malformed JSON, unknown format versions, names that could escape the
+checkpoint directory and absurd sizes, with an error that says which.
+
+Example::
+
+    >>> m = describe("/tmp/staging", "ckpt-3", number=3, step=300, timestamp=1.0)  # doctest: +SKIP
+    >>> Manifest.from_json(m.to_json()) == m                                        # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import socket
+import uuid
+from collections.abc import Iterable
+from typing import Any, BinaryIO
+
+import crc32c
+
+from ckptstore.errors import ManifestError
+
+FORMAT = "ckptstore.manifest"
+FORMAT_VERSION = 1
+MANIFEST_SUFFIX = ".manifest.json"
+
+# Bounds on untrusted input. No real TensorFlow checkpoint comes near them; a
+# manifest that does is corrupt or hostile, and acting on it (allocating,
+# downloading, looping) would be the bug.
+MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+MAX_FILES = 100_000
+MAX_FILE_SIZE = 1 << 50  # 1 PiB
+_CHUNK = 8 * 1024 * 1024
+
+# One id per process: tells apart two writers that share a host name and pid
+# (containers, restarted notebooks).
+_SESSION = uuid.uuid4().hex
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint, named relative to the checkpoint's directory."""
+
+    name: str
+    size: int
+    crc32c: str  # 8 lowercase hex digits, big-endian, as GCS/S3 define it
+    md5: str | None = None  # 32 lowercase hex digits, only where a backend needs it
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to trust a committed checkpoint."""
+
+    checkpoint: str  # prefix name, e.g. "ckpt-7"
+    number: int | None
+    step: int | None
+    timestamp: float  # the time TensorFlow's state file records for this checkpoint
+    files: tuple[FileEntry, ...]
+    writer: dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "checkpoint": self.checkpoint,
+            "number": self.number,
+            "step": self.step,
+            "timestamp": self.timestamp,
+            "files": [
+                {k: v for k, v in dataclasses.asdict(f).items() if v is not None}
+                for f in self.files
+            ],
+            "writer": self.writer,
+            "versions": self.versions,
+        }
+        return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes, *, expected_checkpoint: str | None = None) -> Manifest:
+        """Parse and validate untrusted manifest bytes.
+
+        Raises:
+            ManifestError: naming the first problem found.
+        """
+        where = f"manifest of {expected_checkpoint!r}" if expected_checkpoint else "manifest"
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"{where} is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit"
+            )
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{where} is not valid JSON ({exc}); it is ignored") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ManifestError(f"{where} is not a ckptstore manifest (no format={FORMAT!r})")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where} has format_version {version!r}; this ckptstore reads version "
+                f"{FORMAT_VERSION}. Upgrade ckptstore to read it."
+            )
+        checkpoint = _require(doc, "checkpoint", str, where)
+        _check_checkpoint_name(checkpoint, where)
+        if expected_checkpoint is not None and checkpoint != expected_checkpoint:
+            raise ManifestError(f"{where} describes {checkpoint!r} instead")
+        raw_files = _require(doc, "files", list, where)
+        if not raw_files or len(raw_files) > MAX_FILES:
+            raise ManifestError(f"{where} lists {len(raw_files)} files (expected 1..{MAX_FILES})")
+        files = []
+        seen = set()
+        for raw in raw_files:
+            entry = _parse_entry(raw, checkpoint, where)
+            if entry.name in seen:
+                raise ManifestError(f"{where} lists {entry.name!r} twice")
+            seen.add(entry.name)
+            files.append(entry)
+        timestamp = doc.get("timestamp")
+        if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
+            raise ManifestError(f"{where} has no numeric 'timestamp'")
+        return cls(
+            checkpoint=checkpoint,
+            number=_optional_int(doc.get("number"), "number", where),
+            step=_optional_int(doc.get("step"), "step", where),
+            timestamp=float(timestamp),
+            files=tuple(files),
+            writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
+            versions=doc.get("versions") if isinstance(doc.get("versions"), dict) else {},
+        )
+
+
+def _require(doc: dict, key: str, kind: type, where: str) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind):
+        raise ManifestError(f"{where} has no valid {key!r} (expected {kind.__name__})")
+    return value
+
+
+def _optional_int(value: Any, key: str, where: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ManifestError(f"{where} has a non-integer {key!r}")
+    return value
+
+
+def _check_checkpoint_name(name: str, where: str) -> None:
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00") or os.path.isabs(name):
+        raise ManifestError(f"{where} names checkpoint {name!r}, which is not a plain file prefix")
+
+
+def _parse_entry(raw: Any, checkpoint: str, where: str) -> FileEntry:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where} has a file entry that is not an object")
+    name = raw.get("name")
+    # Checkpoint files are flat siblings named "<prefix>.<suffix>"; anything with
+    # a separator, a drive, or a parent reference could escape the directory.
+    if (
+        not isinstance(name, str)
+        or any(c in name for c in "/\\\x00:")
+        or os.path.isabs(name)
+        or name in (".", "..")
+        or not name.startswith(checkpoint + ".")
+    ):
+        raise ManifestError(
+            f"{where} names file {name!r}, which escapes or does not belong to the checkpoint "
+            f"directory; the manifest is rejected"
+        )
+    size = raw.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_FILE_SIZE:
+        raise ManifestError(f"{where} gives {name!r} an impossible size {size!r}")
+    crc = raw.get("crc32c")
+    if not _is_hex(crc, 8):
+        raise ManifestError(f"{where} gives {name!r} no valid crc32c (8 hex digits)")
+    md5 = raw.get("md5")
+    if md5 is not None and not _is_hex(md5, 32):
+        raise ManifestError(f"{where} gives {name!r} an invalid md5")
+    return FileEntry(name=name, size=size, crc32c=crc.lower(), md5=md5.lower() if md5 else None)
+
+
+def _is_hex(value: Any, length: int) -> bool:
+    if not isinstance(value, str) or len(value) != length:
+        return False
+    try:
+        int(value, 16)
+    except ValueError:
+        return False
+    return True
+
+
+# --- hashing -----------------------------------------------------------------
+
+
+class StreamHasher:
+    """Incremental size + CRC32C (+ optional MD5), fed chunk by chunk.
+
+    Lets downloads and read-backs hash while data streams, so no file is ever
+    held whole in memory.
+    """
+
+    def __init__(self, with_md5: bool = False):
+        self._crc = 0
+        self._md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
+        self.size = 0
+
+    def update(self, chunk: bytes) -> None:
+        self._crc = crc32c.crc32c(chunk, self._crc)
+        if self._md5 is not None:
+            self._md5.update(chunk)
+        self.size += len(chunk)
+
+    def crc32c_hex(self) -> str:
+        return f"{self._crc:08x}"
+
+    def md5_hex(self) -> str | None:
+        return self._md5.hexdigest() if self._md5 is not None else None
+
+    def entry(self, name: str) -> FileEntry:
+        return FileEntry(name=name, size=self.size, crc32c=self.crc32c_hex(), md5=self.md5_hex())
+
+
+def hash_stream(stream: BinaryIO, name: str, *, with_md5: bool = False) -> FileEntry:
+    """Hash an open binary stream to its end."""
+    hasher = StreamHasher(with_md5)
+    while chunk := stream.read(_CHUNK):
+        hasher.update(chunk)
+    return hasher.entry(name)
+
+
+def hash_file(path: str, name: str | None = None, *, with_md5: bool = False) -> FileEntry:
+    """Size and checksums of a local file, read in 8 MiB chunks."""
+    with open(path, "rb") as stream:
+        return hash_stream(stream, name or os.path.basename(path), with_md5=with_md5)
+
+
+def checkpoint_files(directory: str, checkpoint: str) -> list[str]:
+    """Names of the files TensorFlow wrote for ``checkpoint`` in ``directory``.
+
+    That is ``<prefix>.index`` and every ``<prefix>.data-NNNNN-of-NNNNN`` shard.
+    Temporary files TensorFlow leaves while writing (``<prefix>_temp/``) are not
+    part of a checkpoint and are not listed.
+    """
+    names = []
+    prefix = checkpoint + "."
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith(prefix) or name.endswith(MANIFEST_SUFFIX):
+            continue
+        suffix = name[len(prefix) :]
+        if suffix == "index" or suffix.startswith("data-"):
+            names.append(name)
+    return names
+
+
+def describe(
+    directory: str,
+    checkpoint: str,
+    *,
+    number: int | None,
+    step: int | None,
+    timestamp: float,
+    with_md5: bool = False,
+    extra_versions: dict[str, str] | None = None,
+) -> Manifest:
+    """Build the manifest of a checkpoint TensorFlow finished writing in ``directory``.
+
+    Raises:
+        ManifestError: when the checkpoint has no ``.index`` file (not a complete
+            TensorFlow checkpoint).
+    """
+    names = checkpoint_files(directory, checkpoint)
+    if checkpoint + ".index" not in names:
+        raise ManifestError(
+            f"{checkpoint!r} in {directory} has no .index file: it is not a complete checkpoint"
+        )
+    files = tuple(hash_file(os.path.join(directory, n), n, with_md5=with_md5) for n in names)
+    from ckptstore import __version__
+
+    versions = {"ckptstore": __version__, "python": platform.python_version()}
+    versions.update(extra_versions or {})
+    return Manifest(
+        checkpoint=checkpoint,
+        number=number,
+        step=step,
+        timestamp=timestamp,
+        files=files,
+        writer={"host": socket.gethostname(), "pid": os.getpid(), "session": _SESSION},
+        versions=versions,
+    )
+
+
+def manifest_name(checkpoint: str) -> str:
+    return checkpoint + MANIFEST_SUFFIX
+
+
+def checkpoint_of_manifest(name: str) -> str | None:
+    """``"ckpt-7.manifest.json" -> "ckpt-7"``; ``None`` for any other name."""
+    if name.endswith(MANIFEST_SUFFIX) and len(name) > len(MANIFEST_SUFFIX):
+        return name[: -len(MANIFEST_SUFFIX)]
+    return None
+
+
+def checkpoint_of_data_file(name: str) -> str | None:
+    """``"ckpt-7.index" -> "ckpt-7"``, ``"ckpt-7.data-00000-of-00001" -> "ckpt-7"``."""
+    if name.endswith(".index"):
+        return name[: -len(".index")]
+    head, sep, tail = name.rpartition(".data-")
+    if sep and head and "-of-" in tail:
+        return head
+    return None
+
+
+def names_of(files: Iterable[FileEntry]) -> list[str]:
+    return [f.name for f in files]

@@ -1,0 +1,173 @@
+"""The remote layout: where a checkpoint's pieces live, and the operations on them.
+
+One directory (prefix) per manager, laid out exactly as TensorFlow lays out a
+local checkpoint directory, plus one manifest per committed checkpoint::
+
+    <root>/ckpt-7.index                      data, uploaded first
+    <root>/ckpt-7.data-00000-of-00001        data, uploaded first
+    <root>/ckpt-7.manifest.json              the commit: written last, deleted first
+    <root>/checkpoint                        TensorFlow's state file, committed checkpoints only
+
+Keeping TensorFlow's names means plain ``tf.train.Checkpoint.restore`` works on
+the remote (where TensorFlow can read the protocol) and on a copy of it. Every
+call here is one step of the data path; retrying, ordering and deciding are the
+uploader's and the restorer's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ckptstore import manifest as mf
+from ckptstore.backends.base import Backend
+from ckptstore.backends.local import TEMP_MARKER
+from ckptstore.errors import ManifestError, VerificationError
+from ckptstore.manifest import FileEntry, Manifest
+
+STATE_FILE = "checkpoint"
+
+
+class Remote:
+    """A checkpoint directory on some fsspec filesystem."""
+
+    def __init__(self, backend: Backend, root: str, shown_url: str):
+        self.backend = backend
+        self.fs = backend.fs
+        self.root = root
+        self.url = shown_url  # credential-free, for messages
+
+    def __repr__(self) -> str:
+        return f"Remote({self.url!r}, backend={self.backend!r})"
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    # --- listing -----------------------------------------------------------
+
+    def list_names(self) -> list[str]:
+        """Base names of every object directly under the root (fresh, not cached)."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+
+    @staticmethod
+    def committed_names(names: list[str]) -> list[str]:
+        return [c for c in (mf.checkpoint_of_manifest(n) for n in names) if c is not None]
+
+    def read_manifest(self, checkpoint: str) -> Manifest:
+        """Read and validate one manifest. Raises ManifestError or FileNotFoundError."""
+        with self.fs.open(self.path(mf.manifest_name(checkpoint)), "rb") as f:
+            data = f.read(mf.MAX_MANIFEST_BYTES + 1)
+        return Manifest.from_json(data, expected_checkpoint=checkpoint)
+
+    def read_manifests(self, checkpoints: list[str]) -> dict[str, Manifest | ManifestError]:
+        """Read many manifests concurrently; a bad one maps to its error."""
+
+        def read(name: str) -> Manifest | ManifestError:
+            try:
+                return self.read_manifest(name)
+            except ManifestError as exc:
+                return exc
+
+        if not checkpoints:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(16, len(checkpoints))) as pool:
+            return dict(zip(checkpoints, pool.map(read, checkpoints)))
+
+    def read_state_text(self) -> str | None:
+        try:
+            with self.fs.open(self.path(STATE_FILE), "rb") as f:
+                return f.read(mf.MAX_MANIFEST_BYTES).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+
+    # --- writing -------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.backend.make_dirs(self.root)
+
+    def upload(self, local_path: str, entry: FileEntry, callback: Any = None) -> None:
+        self.backend.upload(local_path, self.path(entry.name), callback)
+
+    def verify(self, entry: FileEntry) -> None:
+        """Raise VerificationError unless the stored object matches ``entry``."""
+        self.fs.invalidate_cache(self.root)
+        problem = self.backend.verify(self.path(entry.name), entry)
+        if problem is not None:
+            raise VerificationError(f"{self.url}: {problem}")
+
+    def commit(self, manifest: Manifest) -> None:
+        self.backend.write_atomic(
+            self.path(mf.manifest_name(manifest.checkpoint)), manifest.to_json()
+        )
+
+    def write_state_text(self, text: str) -> None:
+        self.backend.write_atomic(self.path(STATE_FILE), text.encode("utf-8"))
+
+    # --- deleting --------------------------------------------------------------
+
+    def uncommit(self, checkpoint: str) -> None:
+        """Delete a manifest: from here on the checkpoint does not exist for readers."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(mf.manifest_name(checkpoint)))
+
+    def delete_data(self, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(name))
+
+    def data_files_of(self, checkpoint: str, names: list[str]) -> list[str]:
+        return [n for n in names if mf.checkpoint_of_data_file(n) == checkpoint]
+
+    # --- downloading -------------------------------------------------------------
+
+    def download_verified(self, manifest: Manifest, staging_dir: str) -> str:
+        """Download every file of ``manifest`` into ``staging_dir``, checking each.
+
+        Files land under a temporary name and are renamed into place only after
+        all of them matched the manifest, so TensorFlow is never handed a byte
+        that did not. Returns the local checkpoint prefix.
+        """
+        tmp_suffix = f"{TEMP_MARKER}{os.getpid()}"
+        placed: list[tuple[str, str]] = []
+        try:
+            for entry in manifest.files:
+                tmp = os.path.join(staging_dir, entry.name + tmp_suffix)
+                self.fs.get_file(self.path(entry.name), tmp)
+                got = mf.hash_file(tmp, entry.name)
+                if got.size != entry.size or got.crc32c != entry.crc32c:
+                    raise VerificationError(
+                        f"{self.url}/{entry.name} does not match its manifest "
+                        f"(size {got.size} vs {entry.size}, crc32c {got.crc32c} vs {entry.crc32c})"
+                    )
+                placed.append((tmp, os.path.join(staging_dir, entry.name)))
+            for tmp, final in placed:
+                os.replace(tmp, final)
+        finally:
+            for tmp, _ in placed:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            for entry in manifest.files:
+                leftover = os.path.join(staging_dir, entry.name + tmp_suffix)
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+        return os.path.join(staging_dir, manifest.checkpoint)
+
+
+def local_copy_matches(manifest: Manifest, staging_dir: str) -> bool:
+    """Whether ``staging_dir`` already holds exactly the files ``manifest`` lists."""
+    for entry in manifest.files:
+        path = os.path.join(staging_dir, entry.name)
+        if not os.path.isfile(path) or os.path.getsize(path) != entry.size:
+            return False
+    for entry in manifest.files:
+        if mf.hash_file(os.path.join(staging_dir, entry.name), entry.name).crc32c != entry.crc32c:
+            return False
+    return True
