@@ -157,6 +157,8 @@ class CheckpointManager:
         self._staging_dir = staging.prepare_staging_dir(
             staging_dir or staging.default_staging_dir(self._redactor.url)
         )
+        for leftover in staging.remove_partial_writes(self._staging_dir):
+            log.info("Removed %s, a write interrupted by a crash", leftover)
         plan = restore.plan_resume(self._remote, self._staging_dir, self._retry, self._redactor)
         self._book = staging.CheckpointBook(
             self._staging_dir, max_to_keep, keep_checkpoint_every_n_hours
@@ -174,8 +176,8 @@ class CheckpointManager:
             when_behind=WhenBehind(when_behind),
             concurrency=upload_concurrency,
             extra_versions={"tensorflow": tf.__version__},
-            protected_from_gc=plan.protected_from_gc | {r.checkpoint for r in plan.to_upload},
         )
+        self._uploader.submit(None, retired=plan.retired)
         for request in plan.to_upload:
             self._uploader.submit(request, retired=[])
         _drain_at_exit(self)

@@ -36,6 +36,8 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return MASK
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url  # nothing to hide; keep the URL exactly as the user wrote it
     netloc = parts.netloc
     if "@" in netloc:
         netloc = MASK + "@" + netloc.rsplit("@", 1)[1]

@@ -126,6 +126,27 @@ class Remote:
     def data_files_of(self, checkpoint: str, names: list[str]) -> list[str]:
         return [n for n in names if mf.checkpoint_of_data_file(n) == checkpoint]
 
+    def describe_stored(
+        self, checkpoint: str, names: list[str], *, number: int | None, timestamp: float
+    ) -> Manifest | None:
+        """Build a manifest by hashing a checkpoint where it is stored; ``None`` if incomplete."""
+        files = self.data_files_of(checkpoint, names)
+        if checkpoint + ".index" not in files or not _all_shards_present(checkpoint, files):
+            return None
+        entries = []
+        for name in files:
+            with self.fs.open(self.path(name), "rb") as stream:
+                entries.append(mf.hash_stream(stream, name, with_md5=self.backend.needs_md5))
+        return Manifest(
+            checkpoint=checkpoint,
+            number=number,
+            step=None,
+            timestamp=timestamp,
+            files=tuple(entries),
+            writer={"adopted": True},
+            versions={},
+        )
+
     # --- downloading -------------------------------------------------------------
 
     def download_verified(self, manifest: Manifest, staging_dir: str) -> str:
@@ -159,6 +180,19 @@ class Remote:
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         return os.path.join(staging_dir, manifest.checkpoint)
+
+
+def _all_shards_present(checkpoint: str, files: list[str]) -> bool:
+    """Whether every ``.data-0000k-of-0000N`` shard is there, for k < N."""
+    shards = [f[len(checkpoint) + len(".data-") :] for f in files if ".data-" in f]
+    if not shards:
+        return False
+    try:
+        total = int(shards[0].split("-of-")[1])
+        present = {int(s.split("-of-")[0]) for s in shards}
+    except (IndexError, ValueError):
+        return False
+    return present == set(range(total))
 
 
 def local_copy_matches(manifest: Manifest, staging_dir: str) -> bool:

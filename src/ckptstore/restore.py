@@ -19,11 +19,10 @@ import dataclasses
 import logging
 import math
 import os
-import posixpath
 
 from ckptstore import staging
 from ckptstore.errors import ManifestError, RemoteUnavailableError, RestoreError, VerificationError
-from ckptstore.manifest import Manifest
+from ckptstore.manifest import Manifest, checkpoint_of_data_file
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote, local_copy_matches
 from ckptstore.retry import RetryPolicy
@@ -38,13 +37,22 @@ class ResumePlan:
 
     state: staging.CheckpointState | None  # for CheckpointBook.recover, staging paths
     committed: dict[str, Manifest]
-    to_upload: list[UploadRequest]
-    protected_from_gc: set[str]  # listed by a state file: never collected as orphans
+    to_upload: list[UploadRequest]  # staged by a dead predecessor, never committed
+    retired: list[str]  # committed, but the predecessor had already retired them
 
 
 def _number_of(name: str) -> int | None:
     tail = name.rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else None
+
+
+def _entries_of(state: staging.CheckpointState) -> dict[str, float]:
+    """``{name: timestamp}``, oldest first, from a state file (TensorFlow's fallback included)."""
+    names = [os.path.basename(p) for p in state.all_model_checkpoint_paths]
+    stamps = list(state.all_model_checkpoint_timestamps) or [state.last_preserved_timestamp] * len(
+        names
+    )
+    return dict(zip(names, stamps))
 
 
 def plan_resume(
@@ -65,6 +73,8 @@ def plan_resume(
         )
         manifests = remote.read_manifests(remote.committed_names(names))
         remote_state = staging.parse_state_text(remote.read_state_text() or "")
+        if not manifests:
+            manifests = _adopt_tensorflow_checkpoints(remote, names, remote_state)
     except (OSError, *remote.backend.transient_errors) as exc:
         raise RemoteUnavailableError(
             f"Cannot read {remote.url} ({redactor.describe(exc)}). ckptstore will not start "
@@ -79,72 +89,88 @@ def plan_resume(
         else:
             committed[name] = result
 
-    entries: dict[str, float] = {}
-    protected: set[str] = set()
-    last_preserved: float | None = None
+    # The remote's view: its state file orders the committed checkpoints and
+    # carries the preservation clock; manifests alone rebuild it if it is lost.
     if remote_state is not None:
-        paths = [posixpath.basename(p) for p in remote_state.all_model_checkpoint_paths]
-        protected.update(paths)
-        stamps = list(remote_state.all_model_checkpoint_timestamps) or [
-            remote_state.last_preserved_timestamp
-        ] * len(paths)
-        for name, ts in zip(paths, stamps):
-            if name in committed:
-                entries[name] = ts
+        entries = {n: ts for n, ts in _entries_of(remote_state).items() if n in committed}
         last_preserved = remote_state.last_preserved_timestamp
-    elif committed:
-        # The state file is gone (deleted by hand, or a crash before the first
-        # one was written): rebuild the order from the manifests themselves.
-        for name, m in sorted(committed.items(), key=lambda kv: kv[1].timestamp):
-            entries[name] = m.timestamp
-        last_preserved = min(entries.values()) - 1.0
+    else:
+        ordered = sorted(committed.items(), key=lambda kv: kv[1].timestamp)
+        entries = {n: m.timestamp for n, m in ordered}
+        last_preserved = min(entries.values(), default=0.0) - 1.0
 
-    to_upload = _staged_to_resume(staging_dir, committed, entries)
-    for request in to_upload:
-        entries.pop(request.checkpoint, None)
-        entries[request.checkpoint] = request.timestamp
-    if to_upload and last_preserved is None:
-        last_preserved = min(r.timestamp for r in to_upload) - 1.0
+    # Staging ahead of the remote means a process on this machine saved
+    # checkpoints it never committed. Its state file is then the newer truth:
+    # it already reflects its own retention decisions.
+    local = staging.read_state_file(staging_dir)
+    newest_committed = max((m.timestamp for m in committed.values()), default=-math.inf)
+    to_upload: list[UploadRequest] = []
+    retired: list[str] = []
+    if local is not None and max(_entries_of(local).values(), default=-math.inf) > newest_committed:
+        local_entries = _entries_of(local)
+        resumed: dict[str, float] = {}
+        for name, ts in local_entries.items():
+            if name in committed and committed[name].timestamp == ts:
+                resumed[name] = ts
+            elif ts > newest_committed and os.path.exists(
+                os.path.join(staging_dir, name + ".index")
+            ):
+                log.info("Resuming the upload of %s, staged but never committed", name)
+                to_upload.append(UploadRequest(name, _number_of(name), None, ts))
+                resumed[name] = ts
+        retired = [n for n in entries if n not in resumed]
+        entries, last_preserved = resumed, local.last_preserved_timestamp
 
+    _drop_unmanaged_staged(staging_dir, set(entries))
     state = None
     if entries:
         state = staging.CheckpointState(
             model_checkpoint_path=os.path.join(staging_dir, next(reversed(entries))),
             all_model_checkpoint_paths=[os.path.join(staging_dir, n) for n in entries],
             all_model_checkpoint_timestamps=list(entries.values()),
-            last_preserved_timestamp=last_preserved if last_preserved is not None else 0.0,
+            last_preserved_timestamp=last_preserved,
         )
-    return ResumePlan(state, committed, to_upload, protected)
+    return ResumePlan(state, committed, to_upload, retired)
 
 
-def _staged_to_resume(
-    staging_dir: str, committed: dict[str, Manifest], entries: dict[str, float]
-) -> list[UploadRequest]:
-    local = staging.read_state_file(staging_dir)
-    if local is None:
-        return []
-    newest = max(
-        [m.timestamp for m in committed.values()] + list(entries.values()), default=-math.inf
-    )
-    stamps = list(local.all_model_checkpoint_timestamps) or [0.0] * len(
-        local.all_model_checkpoint_paths
-    )
-    resume: list[UploadRequest] = []
-    for path, ts in zip(local.all_model_checkpoint_paths, stamps):
-        name = os.path.basename(path)
-        if name in committed and committed[name].timestamp == ts:
-            continue  # the staged copy is a cache of a committed checkpoint
-        if not os.path.exists(os.path.join(staging_dir, name + ".index")):
+def _adopt_tensorflow_checkpoints(
+    remote: Remote, names: list[str], state: staging.CheckpointState | None
+) -> dict[str, Manifest | ManifestError]:
+    """Commit manifests for the checkpoints of a directory TensorFlow wrote.
+
+    A remote with checkpoint data but not one manifest was written by plain
+    TensorFlow (or by hand). Its complete checkpoints are hashed where they are
+    stored and committed, once, so ckptstore verifies them from then on instead
+    of taking them for crash leftovers. Trust on first use: nothing vouched for
+    these bytes before.
+    """
+    stamps = _entries_of(state) if state is not None else {}
+    found = sorted({c for n in names if (c := checkpoint_of_data_file(n)) is not None})
+    adopted: dict[str, Manifest | ManifestError] = {}
+    for checkpoint in found:
+        manifest = remote.describe_stored(
+            checkpoint, names, number=_number_of(checkpoint), timestamp=stamps.get(checkpoint, 0.0)
+        )
+        if manifest is None:
+            log.warning("Not adopting %s on %s: its files are incomplete", checkpoint, remote.url)
             continue
-        if ts > newest:
-            log.info("Resuming the upload of %s, staged but never committed", name)
-            resume.append(UploadRequest(name, _number_of(name), None, ts))
-        else:
-            log.warning(
-                "Dropping staged %s: the remote already holds newer committed checkpoints", name
-            )
-            staging.delete_checkpoint_files(os.path.join(staging_dir, name))
-    return resume
+        remote.commit(manifest)
+        adopted[checkpoint] = manifest
+        log.info("Adopted %s, written by TensorFlow, on %s", checkpoint, remote.url)
+    return adopted
+
+
+def _drop_unmanaged_staged(staging_dir: str, managed: set[str]) -> None:
+    """Delete staged copies of checkpoints nobody manages any more.
+
+    They are left when a process dies between retiring a checkpoint and
+    tidying staging. Staging belongs to ckptstore, so this loses nothing: every
+    checkpoint worth keeping is either managed or committed on the remote.
+    """
+    for name in os.listdir(staging_dir):
+        checkpoint = checkpoint_of_data_file(name)
+        if checkpoint is not None and checkpoint not in managed:
+            staging.delete_checkpoint_files(os.path.join(staging_dir, checkpoint))
 
 
 def fetch_restorable(

@@ -20,6 +20,7 @@ import contextlib
 import glob
 import logging
 import os
+import shutil
 import time
 
 from ckptstore.errors import ConfigurationError
@@ -158,6 +159,25 @@ def delete_checkpoint_files(prefix: str) -> None:
     for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-?????-of-?????")]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+
+
+def remove_partial_writes(staging_dir: str) -> list[str]:
+    """Delete what a killed TensorFlow write left in staging: ``<prefix>_temp/part-*``.
+
+    TensorFlow writes shards into ``<prefix>_temp/`` and moves them into place at
+    the end; a process killed in between leaves the directory behind, and no
+    TensorFlow code ever removes it. Only directories holding nothing but such
+    shards are removed.
+    """
+    removed = []
+    for name in os.listdir(staging_dir):
+        path = os.path.join(staging_dir, name)
+        if not (name.endswith("_temp") and os.path.isdir(path)):
+            continue
+        if all(entry.startswith("part-") for entry in os.listdir(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def state_text(names: list[str], timestamps: list[float], last_preserved_timestamp: float) -> str:

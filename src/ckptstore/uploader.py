@@ -97,7 +97,6 @@ class Uploader:
         when_behind: WhenBehind,
         concurrency: int,
         extra_versions: dict[str, str],
-        protected_from_gc: set[str],
     ):
         self.remote = remote
         self.staging_dir = staging_dir
@@ -109,7 +108,6 @@ class Uploader:
         self._when_behind = WhenBehind(when_behind)
         self._concurrency = concurrency
         self._extra_versions = extra_versions
-        self._protected_from_gc = set(protected_from_gc)
 
         self._cond = threading.Condition()
         self._pending: collections.deque[UploadRequest] = collections.deque()
@@ -155,9 +153,11 @@ class Uploader:
                     self._retired.append(name)
                 self._tidy.add(name)
             retired_set = set(retired)
+            skipped_now: set[str] = set()
             for queued in [r for r in self._pending if r.checkpoint in retired_set]:
                 self._pending.remove(queued)
                 self._skipped.append(queued.checkpoint)
+                skipped_now.add(queued.checkpoint)
                 log.info("Not uploading %s: retired before its upload started", queued.checkpoint)
             if request is not None:
                 self._pending = collections.deque(
@@ -178,6 +178,11 @@ class Uploader:
                     )
             self._dirty = True
             self._cond.notify_all()
+        # A checkpoint dropped from the queue is nobody's any more (the worker
+        # only touches what is in flight or queued), so its staged files go now:
+        # staging stays bounded even while the worker is stuck on a slow upload.
+        for name in dropped + [n for n in retired if n in skipped_now]:
+            staging.delete_checkpoint_files(os.path.join(self.staging_dir, name))
         return dropped
 
     def wait(self) -> None:
@@ -397,7 +402,7 @@ class Uploader:
         names = self.remote.list_names()
         with_manifest = set(self.remote.committed_names(names))
         with self._cond:
-            keep = with_manifest | self._protected_from_gc | {r.checkpoint for r in self._pending}
+            keep = with_manifest | {r.checkpoint for r in self._pending}
         orphans = [
             n for n in names if (c := mf.checkpoint_of_data_file(n)) is not None and c not in keep
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsspec import AbstractFileSystem
+from fsspec.callbacks import DEFAULT_CALLBACK
 
 from ckptstore.manifest import FileEntry, StreamHasher
 
@@ -45,7 +46,7 @@ class Backend:
         self.fs.pipe_file(path, data)
 
     def upload(self, local_path: str, remote_path: str, callback: Any = None) -> None:
-        self.fs.put_file(local_path, remote_path, callback=callback)
+        self.fs.put_file(local_path, remote_path, callback=callback or DEFAULT_CALLBACK)
 
     def stored_checksum(self, path: str, info: dict[str, Any]) -> tuple[str, str] | None:
         """``("crc32c" | "md5", hex)`` as the service records it, or ``None`` if it keeps none."""

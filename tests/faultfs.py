@@ -1,0 +1,110 @@
+"""Storage faults for tests: a local filesystem that misbehaves on request.
+
+This injects faults into the *storage* (what fsspec's ``file`` protocol does),
+the way the HTTP fault proxy does for S3 and GCS. ckptstore's own code runs
+unchanged: it resolves ``file://`` to this class through fsspec's registry.
+
+Faults are configured on the module-level :data:`FAULTS`, because fsspec caches
+filesystem instances and ckptstore creates its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclasses.dataclass
+class Faults:
+    #: put_file waits for this event before copying (makes "upload still running" deterministic)
+    gate: threading.Event | None = None
+    #: seconds each put_file sleeps before copying (a slow link)
+    put_delay: float = 0.0
+    #: the next N put_file calls raise ConnectionError (transient)
+    transient_put_failures: int = 0
+    #: every write raises PermissionError (a remote that refuses writes)
+    refuse_writes: bool = False
+    #: SIGKILL this process when the predicate is true for (operation, path)
+    kill_when: Callable[[str, str], bool] | None = None
+    #: put_file copies only half of the file before the kill (mid-upload)
+    kill_mid_put: Callable[[str], bool] | None = None
+    puts: list[str] = dataclasses.field(default_factory=list)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def reset(self) -> None:
+        fresh = Faults()
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(fresh, field.name))
+
+
+FAULTS = Faults()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultyLocalFileSystem(LocalFileSystem):
+    """``LocalFileSystem`` with :data:`FAULTS` applied to writes and deletes."""
+
+    def _check(self, op: str, path: str) -> None:
+        if FAULTS.kill_when is not None and FAULTS.kill_when(op, path):
+            _die()
+
+    def put_file(self, lpath, rpath, callback=None, **kwargs):
+        rpath = self._strip_protocol(rpath)
+        with FAULTS.lock:
+            FAULTS.puts.append(os.path.basename(rpath))
+            if FAULTS.transient_put_failures > 0:
+                FAULTS.transient_put_failures -= 1
+                raise ConnectionError(f"injected transient failure writing {rpath}")
+        if FAULTS.refuse_writes:
+            raise PermissionError(13, "injected: the remote refuses writes", rpath)
+        if FAULTS.gate is not None:
+            FAULTS.gate.wait()
+        if FAULTS.put_delay:
+            time.sleep(FAULTS.put_delay)
+        self._check("put", rpath)
+        if FAULTS.kill_mid_put is not None and FAULTS.kill_mid_put(rpath):
+            with open(lpath, "rb") as src, open(rpath, "wb") as dst:
+                dst.write(src.read(os.path.getsize(lpath) // 2))
+                dst.flush()
+                os.fsync(dst.fileno())
+            _die()
+        return super().put_file(lpath, rpath, callback=callback, **kwargs)
+
+    def open(self, path, mode="rb", **kwargs):
+        self._check("open-" + mode, self._strip_protocol(path))
+        return super().open(path, mode, **kwargs)
+
+    def rm_file(self, path):
+        path = self._strip_protocol(path)
+        if FAULTS.refuse_writes:
+            raise PermissionError(13, "injected: the remote refuses deletes", path)
+        result = super().rm_file(path)
+        self._check("rm", path)
+        return result
+
+
+@contextlib.contextmanager
+def faulty_file_protocol() -> Iterator[Faults]:
+    """Route ``file://`` to :class:`FaultyLocalFileSystem` for the duration."""
+    original = fsspec.get_filesystem_class("file")
+    fsspec.register_implementation("file", FaultyLocalFileSystem, clobber=True)
+    FAULTS.reset()
+    try:
+        yield FAULTS
+    finally:
+        if FAULTS.gate is not None:
+            FAULTS.gate.set()
+        FAULTS.reset()
+        fsspec.register_implementation("file", original, clobber=True)
+        FaultyLocalFileSystem.clear_instance_cache()

@@ -1,0 +1,71 @@
+"""A training run that SIGKILLs itself at a chosen instant of the data path.
+
+Run by test_kill_points.py as ``python kill_child.py REMOTE STAGING POINT N STEPS``.
+The kill comes from the storage (faultfs) or from a watcher of the staging
+directory; ckptstore itself runs unchanged. Prints ``committed K`` after each
+step whose sync() returned, so the parent knows what was promised durable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import ckptstore
+from faultfs import FAULTS, faulty_file_protocol
+from training import TrainState
+
+DATA = ".data-00000-of-00001"
+
+
+def watch_for_partial_write(staging: str, checkpoint: str) -> None:
+    """Kill the process while TensorFlow is still writing ``checkpoint`` locally."""
+    temp = os.path.join(staging, checkpoint + "_temp")
+
+    def watch() -> None:
+        while True:
+            if os.path.isdir(temp):
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.0005)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> None:
+    remote, staging, point, n, steps = sys.argv[1:6]
+    n, steps = int(n), int(steps)
+    target = f"ckpt-{n}"
+    with faulty_file_protocol():
+        if point == "local-write":
+            watch_for_partial_write(staging, target)
+        elif point == "mid-upload":
+            FAULTS.kill_mid_put = lambda path: os.path.basename(path) == target + DATA
+        elif point == "between-data-and-manifest":
+            # Verification reads the uploaded data back: every byte is up, no manifest yet.
+            FAULTS.kill_when = lambda op, path: op == "open-rb" and path.endswith(target + DATA)
+        elif point == "during-retention":
+            # ckpt-N is retired once ckpt-(N+2) commits (max_to_keep=2): die mid-delete.
+            FAULTS.kill_when = lambda op, path: op == "rm" and path.endswith(target + DATA)
+        else:
+            raise SystemExit(f"unknown kill point {point}")
+        # Big enough that TensorFlow's local write takes a while (the watcher needs it).
+        state = TrainState(shapes=((1024, 1024, 8), (64,)))
+        manager = ckptstore.CheckpointManager(
+            state.checkpoint, remote, max_to_keep=2, staging_dir=staging
+        )
+        for step in range(1, steps + 1):
+            state.advance_to(step)
+            manager.save()
+            manager.sync()
+            print(f"committed {step}", flush=True)
+        manager.close()
+
+
+if __name__ == "__main__":
+    main()
