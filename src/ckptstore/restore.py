@@ -21,7 +21,13 @@ import math
 import os
 
 from ckptstore import staging
-from ckptstore.errors import ManifestError, RemoteUnavailableError, RestoreError, VerificationError
+from ckptstore.errors import (
+    ConfigurationError,
+    ManifestError,
+    RemoteUnavailableError,
+    RestoreError,
+    VerificationError,
+)
 from ckptstore.manifest import Manifest, checkpoint_of_data_file
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote, local_copy_matches
@@ -75,7 +81,13 @@ def plan_resume(
         remote_state = staging.parse_state_text(remote.read_state_text() or "")
         if not manifests:
             manifests = _adopt_tensorflow_checkpoints(remote, names, remote_state)
-    except (OSError, *remote.backend.transient_errors) as exc:
+    except TypeError as exc:
+        # fsspec clients accept any keyword at construction and reject it on first use.
+        raise ConfigurationError(
+            f"storage_options for {remote.url} were not accepted by the client: "
+            f"{redactor.describe(exc)}. Check the option names against that filesystem's docs."
+        ) from None
+    except Exception as exc:  # any client failure here means we cannot know what exists
         raise RemoteUnavailableError(
             f"Cannot read {remote.url} ({redactor.describe(exc)}). ckptstore will not start "
             "without knowing what the remote holds; check the URL, the network and the "

@@ -1,0 +1,117 @@
+"""Bad input gets an error that names the problem and the fix, and loses nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ckptstore
+from conftest import file_remote
+from faultfs import faulty_file_protocol
+
+FAST = ckptstore.RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.02)
+
+
+def test_unknown_protocol_names_it_and_what_is_supported(state, tmp_path):
+    with pytest.raises(ckptstore.ConfigurationError, match=r"Unknown protocol 'nosuch://'.*s3://"):
+        ckptstore.CheckpointManager(
+            state.checkpoint, "nosuch://bucket/run", 3, staging_dir=str(tmp_path)
+        )
+
+
+def test_missing_extra_says_which_pip_install_fixes_it(tmp_path):
+    # Run where s3fs cannot be imported, as on a machine without the extra.
+    code = (
+        "import sys; sys.modules['s3fs'] = None\n"
+        "import ckptstore, tensorflow as tf\n"
+        "try:\n"
+        "    ckptstore.CheckpointManager(tf.train.Checkpoint(), 's3://b/run', 3,\n"
+        f"        staging_dir={str(tmp_path)!r})\n"
+        "except ckptstore.MissingExtraError as e:\n"
+        "    print('MISSING:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "MISSING:" in out.stdout, out.stderr[-2000:]
+    assert "pip install 'ckptstore[s3]'" in out.stdout
+    assert "s3://b/run" in out.stdout
+
+
+def test_unwritable_staging_directory_says_how_to_fix_it(state, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ckptstore.ConfigurationError, match=r"staging directory .* not writable"):
+        ckptstore.CheckpointManager(
+            state.checkpoint, file_remote(tmp_path).url, 3, staging_dir=str(blocker / "staging")
+        )
+
+
+def test_url_without_a_path_is_rejected(state, tmp_path):
+    with pytest.raises(ckptstore.ConfigurationError, match="names no directory"):
+        ckptstore.CheckpointManager(state.checkpoint, "memory://", 3, staging_dir=str(tmp_path))
+
+
+def test_storage_options_the_filesystem_rejects_are_named(state, tmp_path):
+    with pytest.raises(ckptstore.ConfigurationError, match="storage_options"):
+        ckptstore.CheckpointManager(
+            state.checkpoint,
+            "s3://bucket/run",
+            3,
+            staging_dir=str(tmp_path),
+            storage_options={"no_such_option_for_s3fs": 1},
+        )
+
+
+def test_unreachable_remote_at_start_refuses_to_guess(state, tmp_path):
+    remote = file_remote(tmp_path)
+    with faulty_file_protocol() as faults:
+        faults.kill_when = None
+        original_ls = type(remote.fs).ls
+
+        # The storage answers every listing with a connection error, as a dead server would.
+        from faultfs import FaultyLocalFileSystem
+
+        def broken_ls(self, path, detail=False, **kwargs):
+            raise ConnectionError("injected: connection refused")
+
+        FaultyLocalFileSystem.ls = broken_ls
+        try:
+            with pytest.raises(ckptstore.RemoteUnavailableError, match="will not start"):
+                ckptstore.CheckpointManager(
+                    state.checkpoint, remote.url, 3, staging_dir=str(tmp_path / "s"), retry=FAST
+                )
+        finally:
+            FaultyLocalFileSystem.ls = original_ls
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_to_keep_must_be_positive_like_tensorflow(state, tmp_path, bad):
+    with pytest.raises(ValueError, match="positive integer or `None` for `max_to_keep`"):
+        ckptstore.CheckpointManager(state.checkpoint, str(tmp_path), bad)
+
+
+def test_max_pending_uploads_must_be_positive(state, tmp_path):
+    with pytest.raises(ckptstore.ConfigurationError, match="max_pending_uploads"):
+        ckptstore.CheckpointManager(
+            state.checkpoint, "memory://x/y", 3, max_pending_uploads=0, staging_dir=str(tmp_path)
+        )
+
+
+def test_script_that_exits_without_close_still_commits_its_last_save(tmp_path):
+    remote = file_remote(tmp_path)
+    tests_dir, staging = os.path.dirname(__file__), str(tmp_path / "s")
+    code = (
+        f"import sys; sys.path.insert(0, {tests_dir!r})\n"
+        "import ckptstore\n"
+        "from training import TrainState\n"
+        "s = TrainState()\n"
+        f"m = ckptstore.CheckpointManager(s.checkpoint, {remote.url!r}, 3,\n"
+        f"                                staging_dir={staging!r})\n"
+        "s.advance_to(5)\n"
+        "m.save()\n"  # no sync, no close: the interpreter exits right away
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert remote.manifests() == ["ckpt-1"]
