@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from ckptstore import manifest as mf
 from ckptstore import staging
@@ -41,6 +41,42 @@ from ckptstore.remote import Remote
 from ckptstore.retry import RetryPolicy
 
 log = logging.getLogger("ckptstore")
+T = TypeVar("T")
+
+
+def run_in_threads(work: Callable[[T], None], items: list[T], limit: int) -> None:
+    """Run ``work`` on every item with at most ``limit`` threads; re-raise the first error.
+
+    Written by hand instead of using ``concurrent.futures``: that module refuses
+    new work once interpreter shutdown has begun, which is exactly when the
+    exit drain uploads a script's last checkpoint.
+    """
+    todo = list(items)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo or errors:
+                    return
+                item = todo.pop(0)
+            try:
+                work(item)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+    threads = [
+        threading.Thread(target=worker, name="ckptstore-put", daemon=True)
+        for _ in range(max(1, min(limit, len(items))))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 class WhenBehind(str, enum.Enum):
@@ -314,11 +350,7 @@ class Uploader:
                 with self._cond:
                     self._bytes_uploaded += entry.size
 
-            workers = max(1, min(self._concurrency, len(manifest.files)))
-            with ThreadPoolExecutor(
-                max_workers=workers, thread_name_prefix="ckptstore-put"
-            ) as pool:
-                list(pool.map(send, manifest.files))
+            run_in_threads(send, list(manifest.files), self._concurrency)
             self._call(f"commit {name}", lambda: self.remote.commit(manifest))
             with self._cond:
                 self._committed[name] = manifest
