@@ -279,7 +279,7 @@ class CheckpointManager:
             os.path.join(self._staging_dir, self._checkpoint_name),
             checkpoint_number,
         )
-        step = int(_evaluate(self._step_counter)) if self._step_counter is not None else None
+        step = self._step_for_manifest()
         number = int(checkpoint_number)
 
         def _record_and_sweep_state(save_path: str) -> None:
@@ -389,6 +389,21 @@ class CheckpointManager:
                     self._book.forget(os.path.join(self._staging_dir, name))
                 self._restorable = None
             self._book.write_state_file()
+
+    def _step_for_manifest(self) -> int | None:
+        """The step to record in the manifest, if ``step_counter`` can tell it.
+
+        TensorFlow reads ``step_counter`` only for the interval check, so a
+        value it would accept (any object, without ``checkpoint_interval``)
+        must not make ``save()`` fail here: an unreadable one records no step.
+        """
+        if self._uploader is None or self._step_counter is None:
+            return None
+        value = self._step_counter
+        try:
+            return int(value.numpy() if hasattr(value, "numpy") else value)
+        except (TypeError, ValueError):
+            return None
 
     def _snapshot(self) -> BookSnapshot:
         with self._lock:
