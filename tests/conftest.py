@@ -20,7 +20,11 @@ from typing import Any
 import fsspec
 import pytest
 
+from servers.gcs import GCSServer  # isort: split  (sets gcsfs's environment before gcsfs loads)
+from servers.s3 import S3Server
 from training import TrainState
+
+BUCKET = "ckptstore-tests"
 
 
 @dataclasses.dataclass
@@ -67,9 +71,47 @@ def memory_remote() -> RemoteSpec:
     return RemoteSpec(f"memory://{root}", {}, fsspec.filesystem("memory"), root)
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server().start()
+    server.make_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    server = GCSServer().start()
+    server.make_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+def s3_remote(server, endpoint_url: str | None = None) -> RemoteSpec:
+    import s3fs
+
+    options = server.storage_options(endpoint_url)
+    root = f"{BUCKET}/{uuid.uuid4().hex}"
+    inspector = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+    return RemoteSpec(f"s3://{root}", options, inspector, root)
+
+
+def gcs_remote(server, endpoint_url: str | None = None) -> RemoteSpec:
+    import gcsfs
+
+    options = server.storage_options(endpoint_url)
+    root = f"{BUCKET}/{uuid.uuid4().hex}"
+    inspector = gcsfs.GCSFileSystem(skip_instance_cache=True, **server.storage_options())
+    return RemoteSpec(f"gs://{root}", options, inspector, root)
+
+
+@pytest.fixture(params=["file", "memory", "s3", "gcs"])
 def remote(request, tmp_path) -> RemoteSpec:
-    """Every in-process remote; S3, GCS and Drive join through their own fixtures."""
+    """Every remote: each scenario of the conformance suite runs against each one."""
+    if request.param == "s3":
+        return s3_remote(request.getfixturevalue("s3_server"))
+    if request.param == "gcs":
+        return gcs_remote(request.getfixturevalue("gcs_server"))
     return file_remote(tmp_path) if request.param == "file" else memory_remote()
 
 

@@ -94,7 +94,7 @@ class Remote:
         self.backend.make_dirs(self.root)
 
     def upload(self, local_path: str, entry: FileEntry, callback: Any = None) -> None:
-        self.backend.upload(local_path, self.path(entry.name), callback)
+        self.backend.upload(local_path, self.path(entry.name), entry, callback)
 
     def verify(self, entry: FileEntry) -> None:
         """Raise VerificationError unless the stored object matches ``entry``."""

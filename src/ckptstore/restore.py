@@ -73,7 +73,7 @@ def plan_resume(
     try:
         names = retry.call(
             remote.list_names,
-            transient=remote.backend.transient_errors,
+            is_transient=remote.backend.is_transient,
             what=f"list {remote.url}",
             scrub=redactor.scrub,
         )
@@ -216,7 +216,7 @@ def fetch_restorable(
         try:
             retry.call(
                 lambda m=m: remote.download_verified(m, staging_dir),
-                transient=remote.backend.transient_errors,
+                is_transient=remote.backend.is_transient,
                 what=f"download {name}",
                 scrub=redactor.scrub,
             )
@@ -230,7 +230,9 @@ def fetch_restorable(
                 problem,
             )
             continue
-        except remote.backend.transient_errors as exc:
+        except Exception as exc:
+            if not remote.backend.is_transient(exc):
+                raise
             raise RemoteUnavailableError(
                 f"Cannot download {name} from {remote.url}: {redactor.describe(exc)}. "
                 "Nothing was restored; retry when the remote is reachable."

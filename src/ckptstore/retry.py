@@ -1,7 +1,8 @@
 """Retrying transient storage errors with capped exponential backoff and jitter.
 
-What counts as transient is data (each backend's ``transient_errors`` tuple),
-as in s3fs, not a try/except at every call site.
+What counts as transient is decided in one place per backend
+(:meth:`Backend.is_transient`, built on its ``transient_errors`` tuple as in
+s3fs), not by a try/except at every call site.
 """
 
 from __future__ import annotations
@@ -37,18 +38,18 @@ class RetryPolicy:
         self,
         operation: Callable[[], T],
         *,
-        transient: tuple[type[BaseException], ...],
+        is_transient: Callable[[BaseException], bool],
         what: str,
         stop: threading.Event | None = None,
         scrub: Callable[[str], str] = str,
     ) -> T:
-        """Run ``operation``; retry it while it raises one of ``transient``."""
+        """Run ``operation``; retry it while what it raises ``is_transient``."""
         delay = self.initial_delay
         for attempt in range(1, self.attempts + 1):
             try:
                 return operation()
-            except transient as exc:
-                if attempt == self.attempts:
+            except Exception as exc:
+                if attempt == self.attempts or not is_transient(exc):
                     raise
                 pause = min(delay, self.max_delay) * random.uniform(0.5, 1.0)
                 log.info(

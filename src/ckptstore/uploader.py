@@ -315,7 +315,7 @@ class Uploader:
 
         return self._retry.call(
             counted,
-            transient=self.remote.backend.transient_errors,
+            is_transient=self.remote.backend.is_transient,
             what=f"{what} ({self.remote.url})",
             scrub=self._redactor.scrub,
         )

@@ -40,10 +40,10 @@ REGISTRY: dict[str, BackendEntry] = {
     "file": BackendEntry(_LOCAL),
     "local": BackendEntry(_LOCAL),
     "memory": BackendEntry(_GENERIC),
-    "s3": BackendEntry(_GENERIC, "s3fs", "s3"),
-    "s3a": BackendEntry(_GENERIC, "s3fs", "s3"),
-    "gs": BackendEntry(_GENERIC, "gcsfs", "gcs"),
-    "gcs": BackendEntry(_GENERIC, "gcsfs", "gcs"),
+    "s3": BackendEntry("ckptstore.backends.s3:S3Backend", "s3fs", "s3"),
+    "s3a": BackendEntry("ckptstore.backends.s3:S3Backend", "s3fs", "s3"),
+    "gs": BackendEntry("ckptstore.backends.gcs:GCSBackend", "gcsfs", "gcs"),
+    "gcs": BackendEntry("ckptstore.backends.gcs:GCSBackend", "gcsfs", "gcs"),
 }
 
 

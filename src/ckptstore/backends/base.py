@@ -38,6 +38,10 @@ class Backend:
         p = self.fs.protocol
         return p[0] if isinstance(p, (tuple, list)) else p
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether retrying the failed operation may succeed."""
+        return isinstance(exc, self.transient_errors)
+
     def make_dirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
 
@@ -45,7 +49,10 @@ class Backend:
         """Write a small object so that readers see all of it or none of it."""
         self.fs.pipe_file(path, data)
 
-    def upload(self, local_path: str, remote_path: str, callback: Any = None) -> None:
+    def upload(
+        self, local_path: str, remote_path: str, entry: FileEntry, callback: Any = None
+    ) -> None:
+        """Copy one staged file to the remote (``entry`` is its manifest line)."""
         self.fs.put_file(local_path, remote_path, callback=callback or DEFAULT_CALLBACK)
 
     def stored_checksum(self, path: str, info: dict[str, Any]) -> tuple[str, str] | None:

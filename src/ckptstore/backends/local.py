@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from ckptstore.backends.base import Backend
+from ckptstore.manifest import FileEntry
 
 TEMP_MARKER = ".ckptstore-tmp-"
 
@@ -41,6 +42,8 @@ class LocalBackend(Backend):
                 os.unlink(tmp)
         _fsync(os.path.dirname(path) or ".")
 
-    def upload(self, local_path: str, remote_path: str, callback: Any = None) -> None:
-        super().upload(local_path, remote_path, callback)
+    def upload(
+        self, local_path: str, remote_path: str, entry: FileEntry, callback: Any = None
+    ) -> None:
+        super().upload(local_path, remote_path, entry, callback)
         _fsync(remote_path)
