@@ -1,0 +1,140 @@
+"""S3 and GCS under faults: a proxy between the real client and the local server.
+
+The proxy (tests/servers/faultproxy.py) answers a share of requests with 503,
+resets connections or stalls them; the client is the real s3fs/gcsfs. Every
+checkpoint must still commit, and with the server gone training goes on,
+sync() says what failed, and a later manager uploads what was left staged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import pytest
+
+import ckptstore
+from ckptstore.backends import resolve
+from ckptstore.manifest import hash_file
+from conftest import gcs_remote, s3_remote
+from servers.faultproxy import FaultProxy
+from training import TrainState
+
+SHAPES = ((1024, 1024, 5), (33,))  # ~20 MB: a multipart upload on S3 (8 MiB parts)
+
+
+def proxied(kind, server, proxy):
+    if kind == "s3":
+        # Short per-read timeouts so a stalled request fails fast and is retried.
+        spec = s3_remote(server, proxy.endpoint_url)
+        spec.storage_options["config_kwargs"] = {
+            "connect_timeout": 1,
+            "read_timeout": 2,
+            "retries": {"mode": "standard", "total_max_attempts": 6},
+        }
+    else:
+        spec = gcs_remote(server, proxy.endpoint_url)
+        spec.storage_options["requests_timeout"] = aiohttp.ClientTimeout(
+            sock_connect=2, sock_read=2
+        )
+    return spec
+
+
+@pytest.fixture(params=["s3", "gcs"])
+def cloud(request):
+    server = request.getfixturevalue(f"{request.param}_server")
+    proxy = FaultProxy("127.0.0.1", server.port, seed=7, stall_seconds=4)
+    proxy.start()
+    yield request.param, server, proxy
+    proxy.stop()
+
+
+def make(state, spec, staging, **kwargs):
+    kwargs.setdefault("max_to_keep", 2)
+    return ckptstore.CheckpointManager(
+        state.checkpoint,
+        spec.url,
+        staging_dir=str(staging),
+        storage_options=spec.storage_options,
+        **kwargs,
+    )
+
+
+def test_every_checkpoint_commits_with_a_fifth_of_requests_failing(cloud, tmp_path):
+    kind, server, proxy = cloud
+    spec = proxied(kind, server, proxy)
+    state = TrainState(SHAPES)
+    proxy.set_failure_rate(0.2, ("5xx", "reset", "stall"))
+    # Keep all four and let none be skipped: every single one must make it through the faults.
+    with make(
+        state, spec, tmp_path / "s", max_to_keep=4, max_pending_uploads=10, when_behind="block"
+    ) as m:
+        for step in range(1, 5):
+            state.advance_to(step)
+            m.save()
+        m.sync()
+        status = m.upload_status()
+    proxy.set_failure_rate(0.0)
+    logging.getLogger("ckptstore").info(
+        "%s with 20%% faults: %d requests, %d faults %s, %d ckptstore retries",
+        kind,
+        proxy.requests,
+        proxy.total_faults,
+        proxy.faults_injected,
+        status.retries,
+    )
+    assert proxy.total_faults > 0, "no fault was injected: the test proves nothing"
+    assert status.failed == {} and status.skipped == ()
+    assert sorted(spec.manifests()) == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    fresh = TrainState(SHAPES)
+    direct = s3_remote(server) if kind == "s3" else gcs_remote(server)
+    direct.url, direct.root = spec.url, spec.root
+    with make(fresh, direct, tmp_path / "new") as m:
+        fresh.checkpoint.restore(m.latest_checkpoint)
+    assert fresh.matches_step(4)
+
+
+def test_server_gone_training_continues_and_a_later_manager_uploads(cloud, tmp_path):
+    kind, server, proxy = cloud
+    spec = proxied(kind, server, proxy)
+    if kind == "s3":
+        spec.storage_options["config_kwargs"]["retries"] = {"total_max_attempts": 2}
+    # gcsfs retries a refused connection 6 times (about half a minute) before giving up,
+    # and that count is fixed at import; one save while the server is gone keeps this short.
+    state = TrainState(SHAPES)
+    once = ckptstore.RetryPolicy(attempts=1)
+    m = make(state, spec, tmp_path / "s", retry=once)
+    state.advance_to(1)
+    m.save()
+    m.sync()
+    proxy.server_gone()
+    state.advance_to(2)
+    assert m.save() is not None  # training is not blocked by the dead network
+    with pytest.raises(ckptstore.UploadError) as info:
+        m.close()
+    assert spec.url in str(info.value) and set(info.value.failures) == {"ckpt-2"}
+    assert (tmp_path / "s" / "ckpt-2.index").exists()
+    assert spec.manifests() == ["ckpt-1"]
+    proxy.server_back()
+    with make(TrainState(SHAPES), spec, tmp_path / "s") as later:
+        later.sync()
+    assert sorted(spec.manifests()) == ["ckpt-1", "ckpt-2"]
+
+
+def test_a_stored_object_that_differs_from_the_manifest_fails_verification(
+    s3_server, gcs_server, tmp_path
+):
+    for spec in (s3_remote(s3_server), gcs_remote(gcs_server)):
+        backend, root = resolve(spec.url, spec.storage_options)
+        for size in (1000, 20 * 1024 * 1024):  # one PUT, and a multipart upload on S3
+            local = tmp_path / f"ckpt-1.data-{size}"
+            local.write_bytes(bytes(range(256)) * (size // 256))
+            entry = hash_file(str(local), "ckpt-1.index")
+            path = f"{root}/ckpt-1.index"
+            backend.upload(str(local), path, entry)
+            assert backend.verify(path, entry) is None
+            # Someone else's write replaces the object: the service's record no longer
+            # matches the manifest, and verification must say so without reading it.
+            spec.write("ckpt-1.index", b"x" * entry.size)
+            problem = backend.verify(path, entry)
+            assert problem is not None and "ckpt-1.index" in problem
