@@ -1,13 +1,16 @@
 """A training run that SIGKILLs itself at a chosen instant of the data path.
 
-Run by test_kill_points.py as ``python kill_child.py REMOTE STAGING POINT N STEPS``.
-The kill comes from the storage (faultfs) or from a watcher of the staging
-directory; ckptstore itself runs unchanged. Prints ``committed K`` after each
+Run by test_kill_points.py as ``python kill_child.py REMOTE STAGING POINT N STEPS [OPTIONS]``.
+The kill comes from the storage (faultfs), from a watcher of the staging
+directory, or (POINT ``external``, for S3 and GCS) from the test's HTTP proxy,
+which kills this process when it sees the chosen request; ckptstore itself runs
+unchanged. OPTIONS is a JSON object of storage_options. Prints ``committed K`` after each
 step whose sync() returned, so the parent knows what was promised durable.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -39,6 +42,7 @@ def watch_for_partial_write(staging: str, checkpoint: str) -> None:
 
 def main() -> None:
     remote, staging, point, n, steps = sys.argv[1:6]
+    options = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
     n, steps = int(n), int(steps)
     target = f"ckpt-{n}"
     with faulty_file_protocol():
@@ -52,12 +56,12 @@ def main() -> None:
         elif point == "during-retention":
             # ckpt-N is retired once ckpt-(N+2) commits (max_to_keep=2): die mid-delete.
             FAULTS.kill_when = lambda op, path: op == "rm" and path.endswith(target + DATA)
-        else:
+        elif point != "external":
             raise SystemExit(f"unknown kill point {point}")
         # Big enough that TensorFlow's local write takes a while (the watcher needs it).
         state = TrainState(shapes=((1024, 1024, 8), (64,)))
         manager = ckptstore.CheckpointManager(
-            state.checkpoint, remote, max_to_keep=2, staging_dir=staging
+            state.checkpoint, remote, max_to_keep=2, staging_dir=staging, storage_options=options
         )
         for step in range(1, steps + 1):
             state.advance_to(step)

@@ -9,10 +9,12 @@ finishes the upload the kill interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 
 import crc32c
 import pytest
@@ -34,21 +36,18 @@ POINTS = {
 }
 
 
-def run_until_killed(remote_url: str, staging: str, point: str) -> list[int]:
-    proc = subprocess.run(
-        [sys.executable, CHILD, remote_url, staging, point, "3", "6"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
-    return [
-        int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("committed")
-    ]
+def run_until_killed(remote_url, staging, point, options=None, on_start=None) -> list[int]:
+    """Run the child until it is killed; return the steps whose sync() it reported."""
+    args = [sys.executable, CHILD, remote_url, staging, point, "3", "6", json.dumps(options or {})]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if on_start is not None:
+        on_start(proc)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err[-3000:])
+    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
 
 
 def assert_every_manifest_matches_its_data(remote) -> None:
-    import json
 
     for name in remote.manifests():
         doc = json.loads(remote.read(name + ".manifest.json"))
@@ -61,7 +60,11 @@ def assert_every_manifest_matches_its_data(remote) -> None:
 def restore_on_new_machine(remote, staging) -> tuple[TrainState, str]:
     fresh = TrainState(shapes=((1024, 1024, 8), (64,)))
     with ckptstore.CheckpointManager(
-        fresh.checkpoint, remote.url, max_to_keep=2, staging_dir=str(staging)
+        fresh.checkpoint,
+        remote.url,
+        max_to_keep=2,
+        staging_dir=str(staging),
+        storage_options=remote.storage_options,
     ) as m:
         prefix = m.latest_checkpoint
         fresh.checkpoint.restore(prefix).assert_existing_objects_matched()
@@ -76,6 +79,10 @@ def test_kill_leaves_the_last_committed_checkpoint_restorable(point, tmp_path):
     promised = run_until_killed(remote.url, staging, point)
     assert promised == list(range(1, last_synced + 1)), "the kill landed somewhere unexpected"
 
+    check_after_kill(remote, staging, tmp_path, newest, left_staged)
+
+
+def check_after_kill(remote, staging, tmp_path, newest, left_staged):
     assert_every_manifest_matches_its_data(remote)
     fresh, prefix = restore_on_new_machine(remote, tmp_path / "new-machine")
     assert os.path.basename(prefix) == f"ckpt-{newest}"
@@ -101,3 +108,59 @@ def test_kill_leaves_the_last_committed_checkpoint_restorable(point, tmp_path):
     for n in remote.names():
         if n.endswith(".index") or ".data-" in n:
             assert n.split(".")[0] in committed, f"orphan {n} left on the remote"
+
+
+# Over HTTP the kill comes from the proxy: when the child sends the chosen request,
+# the proxy kills it and resets that request, so the server never sees it.
+CLOUD_POINTS = {
+    "mid-upload": (
+        lambda method, target: method in ("PUT", "POST") and "ckpt-3.data" in target,
+        POINTS["mid-upload"],
+    ),
+    "between-data-and-manifest": (
+        lambda method, target: method in ("HEAD", "GET") and "ckpt-3.data" in target,
+        POINTS["between-data-and-manifest"],
+    ),
+    "during-retention": (
+        lambda method, target: method == "DELETE" and "ckpt-3.data" in target,
+        POINTS["during-retention"],
+    ),
+}
+
+
+@pytest.mark.parametrize("point", list(CLOUD_POINTS))
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_kill_over_http_leaves_the_last_committed_checkpoint_restorable(
+    kind, point, tmp_path, request
+):
+    from conftest import gcs_remote, s3_remote
+    from servers.faultproxy import FaultProxy
+
+    server = request.getfixturevalue(f"{kind}_server")
+    matches, (last_synced, newest, left_staged) = CLOUD_POINTS[point]
+    child: list = []
+    killed: list[str] = []
+
+    def kill_on_match(method, target, headers):
+        if not killed and child and matches(method, urllib.parse.unquote(target)):
+            os.kill(child[0].pid, signal.SIGKILL)
+            killed.append(f"{method} {target}")
+            proxy.inject_next("reset")  # and this request never reaches the server
+            return True
+        return False
+
+    proxy = FaultProxy("127.0.0.1", server.port, fault_filter=kill_on_match)
+    proxy.start()
+    try:
+        through_proxy = (s3_remote if kind == "s3" else gcs_remote)(server, proxy.endpoint_url)
+        staging = str(tmp_path / "staging")
+        promised = run_until_killed(
+            through_proxy.url, staging, "external", through_proxy.storage_options, child.append
+        )
+    finally:
+        proxy.stop()
+    assert killed, "the chosen request was never sent"
+    assert promised == list(range(1, last_synced + 1)), (killed, promised)
+    direct = (s3_remote if kind == "s3" else gcs_remote)(server)
+    direct.url, direct.root = through_proxy.url, through_proxy.root
+    check_after_kill(direct, staging, tmp_path, newest, left_staged)
