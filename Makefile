@@ -31,6 +31,7 @@ test: lint
 
 bench: $(DEPS)
 	$(BIN)/python benchmarks/save_blocking.py
+	$(BIN)/python benchmarks/upload_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-run

@@ -9,6 +9,7 @@ sync() says what failed, and a later manager uploads what was left staged.
 from __future__ import annotations
 
 import logging
+import uuid
 
 import aiohttp
 import pytest
@@ -138,3 +139,25 @@ def test_a_stored_object_that_differs_from_the_manifest_fails_verification(
             spec.write("ckpt-1.index", b"x" * entry.size)
             problem = backend.verify(path, entry)
             assert problem is not None and "ckpt-1.index" in problem
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_missing_bucket_is_reported_with_the_url_and_training_goes_on(kind, request, tmp_path):
+    server = request.getfixturevalue(f"{kind}_server")
+    spec = (s3_remote if kind == "s3" else gcs_remote)(server)
+    url = f"{kind if kind == 's3' else 'gs'}://no-such-bucket-{uuid.uuid4().hex[:8]}/run"
+    state = TrainState()
+    m = ckptstore.CheckpointManager(
+        state.checkpoint,
+        url,
+        max_to_keep=2,
+        staging_dir=str(tmp_path / "s"),
+        storage_options=spec.storage_options,
+        retry=ckptstore.RetryPolicy(attempts=1),
+    )
+    state.advance_to(1)
+    assert m.save() is not None
+    with pytest.raises(ckptstore.UploadError) as info:
+        m.close()
+    assert url in str(info.value)
+    assert (tmp_path / "s" / "ckpt-1.index").exists()  # nothing lost: still staged

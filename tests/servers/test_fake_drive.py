@@ -22,30 +22,17 @@ import pytest
 from pydrive2.drive import GoogleDrive
 from pydrive2.files import ApiRequestError
 
-try:
-    from .fake_drive import (
-        FOLDER_MIME,
-        ExternalNetworkError,
-        FakeCredentialsRefreshError,
-        FakeDriveServer,
-        block_external_network,
-        make_gdrive_fs,
-        make_google_auth,
-        make_routed_http,
-        small_upload_chunks,
-    )
-except ImportError:  # tests/servers is not a package
-    from fake_drive import (  # type: ignore[no-redef]
-        FOLDER_MIME,
-        ExternalNetworkError,
-        FakeCredentialsRefreshError,
-        FakeDriveServer,
-        block_external_network,
-        make_gdrive_fs,
-        make_google_auth,
-        make_routed_http,
-        small_upload_chunks,
-    )
+from .fake_drive import (
+    FOLDER_MIME,
+    ExternalNetworkError,
+    FakeCredentialsRefreshError,
+    FakeDriveServer,
+    block_external_network,
+    make_gdrive_fs,
+    make_google_auth,
+    make_routed_http,
+    small_upload_chunks,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
