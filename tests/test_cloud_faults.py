@@ -161,3 +161,25 @@ def test_missing_bucket_is_reported_with_the_url_and_training_goes_on(kind, requ
         m.close()
     assert url in str(info.value)
     assert (tmp_path / "s" / "ckpt-1.index").exists()  # nothing lost: still staged
+
+
+def test_s3_multipart_part_size_is_tunable(s3_server, tmp_path):
+    spec = s3_remote(s3_server)
+    state = TrainState(SHAPES)
+    with ckptstore.CheckpointManager(
+        state.checkpoint,
+        spec.url,
+        max_to_keep=1,
+        staging_dir=str(tmp_path / "s"),
+        storage_options=spec.storage_options,
+        upload_part_size=5 * 1024 * 1024,
+        upload_concurrency=2,
+    ) as m:
+        state.advance_to(1)
+        m.save()
+    name = "ckpt-1.data-00000-of-00001"
+    size = len(spec.read(name))
+    bucket, key = spec.path(name).split("/", 1)
+    head = spec.fs.call_s3("head_object", Bucket=bucket, Key=key, PartNumber=1)
+    assert head["PartsCount"] == -(-size // (5 * 1024 * 1024))
+    assert head["ContentLength"] == 5 * 1024 * 1024

@@ -75,7 +75,9 @@ class CheckpointManager:
             saves outpace the network, so training never waits and the newest
             checkpoint always goes next; ``"block"`` makes ``save()`` wait.
         retry: how transient storage errors are retried.
-        upload_concurrency: files of one checkpoint uploaded in parallel.
+        upload_concurrency: files of one checkpoint uploaded in parallel, and
+            parts of one file where the backend uploads in parts (S3).
+        upload_part_size: bytes per part of a multipart upload (S3; at least 5 MiB).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class CheckpointManager:
         when_behind: WhenBehind | str = WhenBehind.SKIP,
         retry: RetryPolicy | None = None,
         upload_concurrency: int = 4,
+        upload_part_size: int = 8 * 1024 * 1024,
     ):
         # TensorFlow's checks and attributes first, in TensorFlow's order.
         self._checkpoint = checkpoint
@@ -153,6 +156,7 @@ class CheckpointManager:
             directory if backends.is_remote_url(directory) else os.path.abspath(directory),
             storage_options,
         )
+        backend.concurrency, backend.part_size = upload_concurrency, upload_part_size
         self._remote = Remote(backend, root, self._redactor.url)
         self._staging_dir = staging.prepare_staging_dir(
             staging_dir or staging.default_staging_dir(self._redactor.url)

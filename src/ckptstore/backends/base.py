@@ -29,6 +29,10 @@ class Backend:
 
     def __init__(self, fs: AbstractFileSystem):
         self.fs = fs
+        #: parts of one file in flight at once, where the backend uploads in parts
+        self.concurrency = 4
+        #: bytes per part, where the backend uploads in parts
+        self.part_size = 8 * 1024 * 1024
 
     def __repr__(self) -> str:  # never shows storage_options: they may hold credentials
         return f"{type(self).__name__}(protocol={self.protocol!r})"

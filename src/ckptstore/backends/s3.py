@@ -13,7 +13,8 @@ What fsspec does not say about S3:
   composite "CRC32C of the part CRC32Cs" with a ``-N`` suffix. This is the one
   piece written by hand because no library does it.
 * **Memory.** One reader feeds the part uploaders through a one-slot queue:
-  at most ``concurrency + 1`` parts are in memory, whatever the file size.
+  at most ``concurrency + 2`` parts are in memory, whatever the file size
+  (``upload_concurrency`` and ``upload_part_size`` of the manager).
 * **Errors.** s3fs turns a 503 into ``OSError(EBUSY)`` and a 500 into
   ``OSError(EIO)``; those, timeouts and connection errors are retried.
 
@@ -51,10 +52,6 @@ def crc_b64(value: int) -> str:
 
 class S3Backend(Backend):
     transient_errors = (ConnectionError, TimeoutError, asyncio.TimeoutError)
-    #: bytes per part of a multipart upload (files at most this big go in one PUT)
-    part_size = 8 * 1024 * 1024
-    #: parts of one file in flight at once
-    concurrency = 4
 
     def __init__(self, fs: Any):
         super().__init__(fs)
@@ -186,12 +183,13 @@ class S3Backend(Backend):
         if size != entry.size:
             return f"{entry.name}: stored size {size} != manifest size {entry.size}"
         stored = head.get("ChecksumCRC32C")
-        expected = self._expected.pop(path, None)
+        expected = self._expected.get(path)
         if expected is None and stored and "-" not in stored:
             expected = crc_b64(int(entry.crc32c, 16))  # a single-part object of someone else's
         if stored and expected:
             # HEAD may report a composite with or without its "-N"; the value is what counts.
             if stored.split("-")[0] != expected.split("-")[0]:
                 return f"{entry.name}: S3 reports CRC32C {stored}, expected {expected}"
+            self._expected.pop(path, None)  # kept until now: a retried verify needs it too
             return None
         return self._verify_by_reading_back(path, entry)
