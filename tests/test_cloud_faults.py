@@ -8,6 +8,7 @@ sync() says what failed, and a later manager uploads what was left staged.
 
 from __future__ import annotations
 
+import base64
 import logging
 import uuid
 
@@ -183,3 +184,26 @@ def test_s3_multipart_part_size_is_tunable(s3_server, tmp_path):
     head = spec.fs.call_s3("head_object", Bucket=bucket, Key=key, PartNumber=1)
     assert head["PartsCount"] == -(-size // (5 * 1024 * 1024))
     assert head["ContentLength"] == 5 * 1024 * 1024
+
+
+def test_s3_uploads_are_checked_against_the_manifest_not_the_bytes_read(s3_server, tmp_path):
+    import dataclasses
+
+    spec = s3_remote(s3_server)
+    backend, root = resolve(spec.url, spec.storage_options)
+    for size in (1000, 20 * 1024 * 1024):  # one PUT, and a multipart upload
+        local = tmp_path / f"ckpt-1.index-{size}"
+        local.write_bytes(bytes(range(256)) * (size // 256))
+        # The staged file no longer matches what the manifest vouches for.
+        stale = dataclasses.replace(hash_file(str(local), "ckpt-1.index"), crc32c="0badc0de")
+        path = f"{root}/{size}/ckpt-1.index"
+        if size > backend.part_size:
+            with pytest.raises(ckptstore.VerificationError, match="changed after it was hashed"):
+                backend.upload(str(local), path, stale)
+            assert not spec.fs.exists(path), "a mismatching multipart upload was completed"
+        else:
+            backend.upload(str(local), path, stale)
+            bucket, key = path.split("/", 1)
+            head = spec.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            # S3 was told the manifest's CRC (real S3 rejects the body; moto records it).
+            assert head["ChecksumCRC32C"] == base64.b64encode(bytes.fromhex("0badc0de")).decode()

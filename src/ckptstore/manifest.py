@@ -26,7 +26,6 @@ import os
 import platform
 import socket
 import uuid
-from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import crc32c
@@ -324,7 +323,3 @@ def checkpoint_of_data_file(name: str) -> str | None:
     if sep and head and "-of-" in tail:
         return head
     return None
-
-
-def names_of(files: Iterable[FileEntry]) -> list[str]:
-    return [f.name for f in files]

@@ -52,8 +52,6 @@ tf = import_tensorflow()
 from google.protobuf import text_format  # noqa: E402  (ships with TensorFlow)
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState  # noqa: E402
 
-STATE_FILE = "checkpoint"
-
 
 class CheckpointBook:
     """What ``tf.train.CheckpointManager`` remembers about the checkpoints it manages.

@@ -38,6 +38,7 @@ from typing import Any
 import crc32c
 
 from ckptstore.backends.base import Backend
+from ckptstore.errors import VerificationError
 from ckptstore.manifest import FileEntry
 
 log = logging.getLogger("ckptstore")
@@ -88,7 +89,9 @@ class S3Backend(Backend):
         if size <= part:
             with open(local_path, "rb") as f:
                 body = f.read()
-            value = crc_b64(crc32c.crc32c(body))
+            # The manifest's CRC, not one computed from this body: S3 then refuses any
+            # body that differs from what the manifest vouches for.
+            value = crc_b64(int(entry.crc32c, 16))
             self.fs.call_s3(
                 "put_object",
                 Bucket=bucket,
@@ -99,12 +102,14 @@ class S3Backend(Backend):
             )
             self._expected[remote_path] = value
         else:
-            self._expected[remote_path] = self._multipart(local_path, bucket, key, part)
+            self._expected[remote_path] = self._multipart(local_path, bucket, key, part, entry)
         if callback is not None:
             callback.set_size(size)
             callback.relative_update(size)
 
-    def _multipart(self, local_path: str, bucket: str, key: str, part_size: int) -> str:
+    def _multipart(
+        self, local_path: str, bucket: str, key: str, part_size: int, entry: FileEntry
+    ) -> str:
         mpu = self.fs.call_s3(
             "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C"
         )
@@ -143,9 +148,10 @@ class S3Backend(Backend):
             t.start()
         try:
             with open(local_path, "rb") as f:
-                number = 1
+                number, whole = 1, 0
                 while not errors and (body := f.read(part_size)):
                     crcs[number] = crc32c.crc32c(body)
+                    whole = crc32c.crc32c(body, whole)  # same pass: the file as uploaded
                     work.put((number, body, crcs[number]))
                     number += 1
         finally:
@@ -153,6 +159,13 @@ class S3Backend(Backend):
                 work.put(None)
             for t in senders:
                 t.join()
+        if not errors and f"{whole:08x}" != entry.crc32c:
+            errors.append(
+                VerificationError(
+                    f"{entry.name} changed after it was hashed (crc32c {whole:08x}, manifest "
+                    f"{entry.crc32c}); the upload is abandoned"
+                )
+            )
         if errors:
             self._abort(bucket, key, upload_id)
             raise errors[0]
