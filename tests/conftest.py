@@ -20,6 +20,7 @@ from typing import Any
 import fsspec
 import pytest
 
+from servers.fake_drive import FakeDriveServer, make_gdrive_fs, make_google_auth
 from servers.gcs import GCSServer  # isort: split  (sets gcsfs's environment before gcsfs loads)
 from servers.s3 import S3Server
 from training import TrainState
@@ -105,13 +106,55 @@ def gcs_remote(server, endpoint_url: str | None = None) -> RemoteSpec:
     return RemoteSpec(f"gs://{root}", options, inspector, root)
 
 
-@pytest.fixture(params=["file", "memory", "s3", "gcs"])
+class DriveRemoteSpec(RemoteSpec):
+    """Drive keeps several files under one title: the inspector replaces and deletes by title."""
+
+    def _ids(self, name: str) -> list[str]:
+        parent = self.fs._get_item_id(self.root)
+        query = f"'{parent}' in parents and trashed=false and title='{name}'"
+        return [i["id"] for i in self.fs._gdrive_list(query) if i["title"] == name]
+
+    def write(self, name: str, data: bytes) -> None:
+        self.delete(name)
+        self.fs.pipe_file(self.path(name), data)
+
+    def delete(self, name: str) -> None:
+        for item_id in self._ids(name):
+            self.fs._gdrive_delete_file(item_id)
+
+
+@pytest.fixture(scope="session")
+def drive_server():
+    with FakeDriveServer() as server:
+        yield server
+
+
+def gdrive_remote(server, url: str | None = None, **options: Any) -> RemoteSpec:
+    """A fresh folder under My Drive; ckptstore and the inspector each have their own client."""
+    root = f"root/ckptstore-tests/{uuid.uuid4().hex}"
+    auth = make_google_auth(server if url is None else _At(url, server.access_token))
+    return DriveRemoteSpec(
+        f"gdrive://{root}", {"google_auth": auth, **options}, make_gdrive_fs(server), root
+    )
+
+
+@dataclasses.dataclass
+class _At:
+    """Where a GoogleAuth sends its requests (the fake server, or a proxy in front of it)."""
+
+    url: str
+    access_token: str | None
+
+
+@pytest.fixture(params=["file", "memory", "s3", "gcs", "gdrive"])
 def remote(request, tmp_path) -> RemoteSpec:
     """Every remote: each scenario of the conformance suite runs against each one."""
     if request.param == "s3":
         return s3_remote(request.getfixturevalue("s3_server"))
     if request.param == "gcs":
         return gcs_remote(request.getfixturevalue("gcs_server"))
+    if request.param == "gdrive":
+        return gdrive_remote(request.getfixturevalue("drive_server"))
     return file_remote(tmp_path) if request.param == "file" else memory_remote()
 
 

@@ -2,8 +2,9 @@
 
 Run by test_kill_points.py as ``python kill_child.py REMOTE STAGING POINT N STEPS [OPTIONS]``.
 The kill comes from the storage (faultfs), from a watcher of the staging
-directory, or (POINT ``external``, for S3 and GCS) from the test's HTTP proxy,
-which kills this process when it sees the chosen request; ckptstore itself runs
+directory, or (POINT ``external``) from the test's side of the HTTP link (the
+proxy in front of S3 and GCS, the fake Drive server), which kills this process
+when it sees the chosen request; ckptstore itself runs
 unchanged. OPTIONS is a JSON object of storage_options. Prints ``committed K`` after each
 step whose sync() returned, so the parent knows what was promised durable.
 """
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,6 +45,13 @@ def watch_for_partial_write(staging: str, checkpoint: str) -> None:
 def main() -> None:
     remote, staging, point, n, steps = sys.argv[1:6]
     options = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+    if "fake_drive" in options:  # a GoogleAuth can't travel as JSON: build it here
+        from servers.fake_drive import make_google_auth
+
+        url, token = options.pop("fake_drive")
+        options["google_auth"] = make_google_auth(
+            types.SimpleNamespace(url=url, access_token=token)
+        )
     n, steps = int(n), int(steps)
     target = f"ckpt-{n}"
     with faulty_file_protocol():

@@ -164,3 +164,56 @@ def test_kill_over_http_leaves_the_last_committed_checkpoint_restorable(
     direct = (s3_remote if kind == "s3" else gcs_remote)(server)
     direct.url, direct.root = through_proxy.url, through_proxy.root
     check_after_kill(direct, staging, tmp_path, newest, left_staged)
+
+
+# On Drive the fake server kills the child: Drive URLs carry file ids, not names,
+# and the fake knows which title each request is about.
+DRIVE_DATA = "ckpt-3.data-00000-of-00001"
+DRIVE_POINTS = {
+    "mid-upload": (
+        lambda rec: rec.method == "PUT" and rec.title == DRIVE_DATA,
+        POINTS["mid-upload"],
+    ),
+    # The first lookup of the data file's title comes after its upload finished.
+    "between-data-and-manifest": (
+        lambda rec: rec.method == "GET" and f"title='{DRIVE_DATA}'" in rec.query.get("q", ""),
+        POINTS["between-data-and-manifest"],
+    ),
+    "during-retention": (
+        lambda rec: (
+            rec.title == DRIVE_DATA and (rec.method == "DELETE" or rec.path.endswith("/trash"))
+        ),
+        POINTS["during-retention"],
+    ),
+}
+
+
+@pytest.mark.parametrize("point", list(DRIVE_POINTS))
+def test_kill_on_drive_leaves_the_last_committed_checkpoint_restorable(
+    point, tmp_path, drive_server
+):
+    from conftest import gdrive_remote
+
+    matches, (last_synced, newest, left_staged) = DRIVE_POINTS[point]
+    remote = gdrive_remote(drive_server)
+    child: list = []
+    killed: list[str] = []
+
+    def kill_on_match(rec) -> bool:
+        if killed or not child or not matches(rec):
+            return False
+        os.kill(child[0].pid, signal.SIGKILL)
+        killed.append(f"{rec.method} {rec.path} {rec.title}")
+        return True  # answered with an error the dead child never reads: nothing is stored
+
+    drive_server.fail_next(1, "backendError", predicate=kill_on_match)
+    options = {"fake_drive": [drive_server.url, drive_server.access_token]}
+    try:
+        promised = run_until_killed(
+            remote.url, str(tmp_path / "staging"), "external", options, child.append
+        )
+    finally:
+        drive_server.clear_faults()
+    assert killed, "the chosen request was never sent"
+    assert promised == list(range(1, last_synced + 1)), (killed, promised)
+    check_after_kill(remote, str(tmp_path / "staging"), tmp_path, newest, left_staged)

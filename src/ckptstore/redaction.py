@@ -18,7 +18,7 @@ MASK = "***"
 
 # Option names whose values are secrets in s3fs, gcsfs, pydrive2 and friends.
 _SECRET_KEY = re.compile(
-    r"(secret|token|password|passwd|key|credential|auth|signature|session|private)",
+    r"(secret|token|password|passwd|key|credential|auth|signature|session|private|client_json$)",
     re.IGNORECASE,
 )
 # Values shorter than this are not scrubbed from text: masking "1" or "us" would

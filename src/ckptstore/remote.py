@@ -16,7 +16,6 @@ uploader's and the restorer's job.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +54,8 @@ class Remote:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return []
-        return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
+        # A set: on Google Drive several files may share one title.
+        return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries})
 
     @staticmethod
     def committed_names(names: list[str]) -> list[str]:
@@ -115,13 +115,11 @@ class Remote:
 
     def uncommit(self, checkpoint: str) -> None:
         """Delete a manifest: from here on the checkpoint does not exist for readers."""
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path(mf.manifest_name(checkpoint)))
+        self.backend.remove(self.path(mf.manifest_name(checkpoint)))
 
     def delete_data(self, names: list[str]) -> None:
         for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self.path(name))
+            self.backend.remove(self.path(name))
 
     def data_files_of(self, checkpoint: str, names: list[str]) -> list[str]:
         return [n for n in names if mf.checkpoint_of_data_file(n) == checkpoint]
@@ -161,7 +159,7 @@ class Remote:
         try:
             for entry in manifest.files:
                 tmp = os.path.join(staging_dir, entry.name + tmp_suffix)
-                self.fs.get_file(self.path(entry.name), tmp)
+                self.backend.download(self.path(entry.name), tmp, entry)
                 got = mf.hash_file(tmp, entry.name)
                 if got.size != entry.size or got.crc32c != entry.crc32c:
                     raise VerificationError(

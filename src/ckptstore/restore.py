@@ -19,6 +19,8 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from ckptstore import staging
 from ckptstore.errors import (
@@ -34,6 +36,7 @@ from ckptstore.remote import Remote, local_copy_matches
 from ckptstore.retry import RetryPolicy
 from ckptstore.uploader import UploadRequest
 
+T = TypeVar("T")
 log = logging.getLogger("ckptstore")
 
 
@@ -70,15 +73,23 @@ def plan_resume(
         RemoteUnavailableError: the remote cannot be listed even after retrying.
             Starting anyway could mean silently training from scratch.
     """
-    try:
-        names = retry.call(
-            remote.list_names,
+
+    def call(what: str, operation: Callable[[], T]) -> T:
+        return retry.call(
+            operation,
             is_transient=remote.backend.is_transient,
-            what=f"list {remote.url}",
+            what=f"{what} {remote.url}",
             scrub=redactor.scrub,
         )
-        manifests = remote.read_manifests(remote.committed_names(names))
-        remote_state = staging.parse_state_text(remote.read_state_text() or "")
+
+    try:
+        names = call("list", remote.list_names)
+        manifests = call(
+            "read the manifests on", lambda: remote.read_manifests(remote.committed_names(names))
+        )
+        remote_state = staging.parse_state_text(
+            call("read the state file on", remote.read_state_text) or ""
+        )
         if not manifests:
             manifests = _adopt_tensorflow_checkpoints(remote, names, remote_state)
     except TypeError as exc:

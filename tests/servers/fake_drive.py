@@ -425,6 +425,9 @@ class RequestRecord:
     body_len: int = 0
     status: int | None = None
     fault: str | None = None
+    #: Title of the file the request is about, where the URL says which one
+    #: (``files/{id}...`` and resumable-upload chunks): lets faults aim at one file.
+    title: str | None = None
 
 
 @dataclass
@@ -648,6 +651,7 @@ class _Handler(BaseHTTPRequestHandler):
                 query.update({k: v[-1] for k, v in parse_qs(form, keep_blank_values=True).items()})
                 method = "GET"
                 rec.method = "GET"
+            rec.title = srv._title_for(parts.path, query)
             srv._log(rec)
             fault = srv._pick_fault(rec)
             if fault is not None:
@@ -1019,6 +1023,7 @@ class FakeDriveServer:
         self.internal_errors: list[str] = []
         #: kind -> number of injected faults served
         self.fault_counts: dict[str, int] = {}
+        self._damage_uploads: dict[str, Callable[[bytes], bytes]] = {}
         self.root_id = "0A" + self._rand_id(17)
         self._files[self.root_id] = FileEntry(self.root_id, "My Drive", FOLDER_MIME, [])
         self._httpd: _HTTPServer | None = None
@@ -1100,6 +1105,15 @@ class FakeDriveServer:
     @property
     def faults_served(self) -> int:
         return sum(self.fault_counts.values())
+
+    def _title_for(self, path: str, query: dict[str, str]) -> str | None:
+        with self._lock:
+            if "upload_id" in query:
+                sess = self._sessions.get(query["upload_id"])
+                return None if sess is None else sess.metadata.get("title")
+            m = re.match(r"/(?:upload/)?drive/v2/files/([^/]+)", path)
+            entry = self._files.get(self._resolve(m.group(1))) if m else None
+            return None if entry is None else entry.title
 
     def _pick_fault(self, rec: RequestRecord) -> str | None:
         with self._lock:
@@ -1542,9 +1556,25 @@ class FakeDriveServer:
         data: bytes,
         query: dict[str, str],
     ) -> dict[str, Any]:
+        title = meta.get("title") or (self._files[target_id].title if target_id else None)
+        with self._lock:
+            damage = self._damage_uploads.pop(title, None) if title else None
+        if damage is not None and data:
+            data = damage(data)  # a transfer corrupted in a way the service did not notice
         if target_id is None:
             return self._insert(meta, data, mime)
         return self._update(target_id, meta, query, data, mime)
+
+    def damage_next_upload(
+        self, title: str, damage: Callable[[bytes], bytes] | None = None
+    ) -> None:
+        """Store the next upload titled ``title`` damaged (default: first byte flipped).
+
+        The stored ``md5Checksum`` and ``fileSize`` describe the damaged bytes, as
+        Drive's would: only a client that compares them with what it sent notices.
+        """
+        with self._lock:
+            self._damage_uploads[title] = damage or (lambda b: bytes([b[0] ^ 0xFF]) + b[1:])
 
     def _new_session(
         self,

@@ -44,6 +44,8 @@ REGISTRY: dict[str, BackendEntry] = {
     "s3a": BackendEntry("ckptstore.backends.s3:S3Backend", "s3fs", "s3"),
     "gs": BackendEntry("ckptstore.backends.gcs:GCSBackend", "gcsfs", "gcs"),
     "gcs": BackendEntry("ckptstore.backends.gcs:GCSBackend", "gcsfs", "gcs"),
+    # pydrive2's filesystem, not the "gdrive" of fsspec's registry (see backends/gdrive.py)
+    "gdrive": BackendEntry("ckptstore.backends.gdrive:DriveBackend", "pydrive2.fs", "gdrive"),
 }
 
 
@@ -89,23 +91,6 @@ def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple
                 f"{shown} needs the {entry.client} package, which is not installed "
                 f"({exc.msg}). Install it with: pip install 'ckptstore[{entry.extra}]'"
             ) from None
-    try:
-        fs_class = fsspec.get_filesystem_class(protocol)
-    except ImportError as exc:
-        raise MissingExtraError(f"{shown}: {exc}") from None
-    options = dict(storage_options or {})
-    try:
-        fs = fs_class(**options)
-    except TypeError as exc:
-        raise ConfigurationError(
-            f"storage_options for {shown} were not accepted by {fs_class.__name__}: {exc}. "
-            "Check the option names against that filesystem's documentation."
-        ) from None
-    root = fs._strip_protocol(url).rstrip("/")
-    if not root or root in (".",):
-        raise ConfigurationError(
-            f"{shown} names no directory; give a path, e.g. {protocol}://bucket/run-1"
-        )
     module_name, class_name = entry.backend.split(":")
     backend_class = getattr(importlib.import_module(module_name), class_name)
-    return backend_class(fs), root
+    return backend_class.connect(url, protocol, dict(storage_options or {}))

@@ -9,12 +9,16 @@ visible while in progress override :meth:`Backend.write_atomic`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.callbacks import DEFAULT_CALLBACK
 
+from ckptstore.errors import ConfigurationError, MissingExtraError
 from ckptstore.manifest import FileEntry, StreamHasher
+from ckptstore.redaction import redact_url
 
 _READ_CHUNK = 8 * 1024 * 1024
 
@@ -34,6 +38,28 @@ class Backend:
         #: bytes per part, where the backend uploads in parts
         self.part_size = 8 * 1024 * 1024
 
+    @classmethod
+    def connect(cls, url: str, protocol: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+        """Build the filesystem for ``url``; return ``(backend, root path inside it)``."""
+        shown = redact_url(url)
+        try:
+            fs_class = fsspec.get_filesystem_class(protocol)
+        except ImportError as exc:
+            raise MissingExtraError(f"{shown}: {exc}") from None
+        try:
+            fs = fs_class(**storage_options)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"storage_options for {shown} were not accepted by {fs_class.__name__}: {exc}. "
+                "Check the option names against that filesystem's documentation."
+            ) from None
+        root = fs._strip_protocol(url).rstrip("/")
+        if not root or root in (".",):
+            raise ConfigurationError(
+                f"{shown} names no directory; give a path, e.g. {protocol}://bucket/run-1"
+            )
+        return cls(fs), root
+
     def __repr__(self) -> str:  # never shows storage_options: they may hold credentials
         return f"{type(self).__name__}(protocol={self.protocol!r})"
 
@@ -52,6 +78,15 @@ class Backend:
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write a small object so that readers see all of it or none of it."""
         self.fs.pipe_file(path, data)
+
+    def remove(self, path: str) -> None:
+        """Delete one object; a missing one is not an error."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    def download(self, remote_path: str, local_path: str, entry: FileEntry) -> None:
+        """Copy the object ``entry`` describes to ``local_path`` (checked by the caller)."""
+        self.fs.get_file(remote_path, local_path)
 
     def upload(
         self, local_path: str, remote_path: str, entry: FileEntry, callback: Any = None

@@ -1,0 +1,269 @@
+"""Google Drive (``gdrive://``, pydrive2's fsspec filesystem).
+
+URLs are ``gdrive://`` followed by a pydrive2 path: ``gdrive://root/ckpts/run-7``
+is *My Drive/ckpts/run-7*; ``gdrive://<folder id>/run-7`` starts from a folder
+(one shared with a service account, or in a shared drive);
+``gdrive://appDataFolder/run-7`` is the app's hidden folder. Folders below the
+first component are created on the first upload. ``storage_options`` go to
+``pydrive2.fs.GDriveFileSystem`` unchanged: ``google_auth`` (a ready
+``GoogleAuth``), ``client_id``/``client_secret``, ``client_json`` or
+``client_json_file_path`` with ``use_service_account=True``, ``trash_only``...
+
+fsspec's own registry maps ``gdrive`` to another package (gdrive_fsspec); this
+module builds pydrive2's class directly, so ``fsspec.filesystem("gdrive")``
+keeps meaning what it means for everyone else.
+
+What Drive does differently from an object store, and what this module does:
+
+* **A title is not a key.** A folder may hold several files with one title,
+  and pydrive2's upload always creates a new file, so "overwriting" a path
+  leaves two and a later read picks either. Every write here therefore ends
+  with exactly one file under its title: data and manifests are uploaded as new
+  files and every other file of that title is deleted afterwards; the state
+  file, rewritten at every commit, is updated in place (one file id, a new
+  revision, switched atomically by Drive). Verification fails unless the title
+  is unambiguous, and a download picks the copy whose MD5 matches the manifest.
+* **The service checksum is MD5** (``md5Checksum``); Drive keeps no CRC32C.
+  Manifests on Drive carry both, and verification compares Drive's MD5 with
+  the manifest's without reading the file back.
+* **Rate limits.** pydrive2 retries ``403 userRateLimitExceeded`` and 5xx
+  itself but not ``429``; :meth:`DriveBackend.is_transient` makes ckptstore's
+  own backoff cover 429, 408, rate-limit 403s and dropped connections.
+* **Trash.** pydrive2 ignores trashed files in every read. Its deletes trash by
+  default, and trashed files keep counting against the Drive quota for 30 days;
+  that is left as pydrive2 has it (``storage_options={"trash_only": False}``
+  deletes for good), and the README says so.
+* **Memory.** pydrive2's ``open("wb")``/``pipe_file`` buffer a whole file; data
+  files are sent with ``upload_fobj`` on the open staged file, which streams it.
+  Downloads ask for :data:`DOWNLOAD_CHUNK` bytes per request instead of
+  googleapiclient's 100 MiB, which httplib2 would hold in memory whole.
+
+pydrive2's filesystem has no public call for "the files with this title, with
+their ids", so :meth:`DriveBackend._items` uses its private path-to-folder-id
+resolution (``_path_to_item_ids``, with its cache and shared-drive handling) and
+listing (``_gdrive_list``, with its retries). The conformance tests run these
+against pydrive2's real client, so a change there shows up as a failing test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+from ckptstore.backends.base import Backend
+from ckptstore.errors import ConfigurationError
+from ckptstore.manifest import FileEntry
+
+FOLDER_MIME = "application/vnd.google-apps.folder"
+#: Bytes per ranged GET on download: httplib2 keeps each response body in memory.
+DOWNLOAD_CHUNK = 16 * 1024 * 1024
+_RATE_LIMIT_REASONS = frozenset({"userRateLimitExceeded", "rateLimitExceeded"})
+_CREDENTIAL_HELP = (
+    "pass storage_options with one of: google_auth=<an authenticated "
+    "pydrive2.auth.GoogleAuth>; client_id= and client_secret= (OAuth, opens a browser "
+    "once); client_json_file_path= (or client_json=) with use_service_account=True. "
+    "See the README's Google Drive section."
+)
+
+
+def split_drive_url(url: str) -> tuple[str, str]:
+    """``gdrive://root/ckpts/run-7`` -> (``"root"``, ``"root/ckpts/run-7"``).
+
+    The first component is where pydrive2 starts (``root``, ``appDataFolder`` or
+    a folder id); the second value is the checkpoint directory's pydrive2 path.
+
+    >>> split_drive_url("gdrive://1AbCdEf/run-7/")
+    ('1AbCdEf', '1AbCdEf/run-7')
+    """
+    path = url.split("://", 1)[1] if "://" in url else url
+    path = "/".join(p for p in path.split("/") if p)
+    return path.split("/", 1)[0], path
+
+
+class DriveBackend(Backend):
+    needs_md5 = True
+    transient_errors = (ConnectionError, TimeoutError, http.client.HTTPException)
+
+    @classmethod
+    def connect(
+        cls, url: str, protocol: str, storage_options: Mapping[str, Any]
+    ) -> tuple[DriveBackend, str]:
+        from pydrive2.fs import GDriveFileSystem
+        from pydrive2.fs.spec import GDriveAuthError
+
+        start, root = split_drive_url(url)
+        if not start:
+            raise ConfigurationError(
+                "gdrive:// needs a folder, e.g. gdrive://root/ckpts/run-7 (My Drive/ckpts/run-7) "
+                "or gdrive://<folder id>/run-7"
+            )
+        try:
+            fs = GDriveFileSystem(start, **dict(storage_options))
+        except ValueError as exc:  # pydrive2: "Specify credentials using one of these methods"
+            raise ConfigurationError(f"{exc}. For gdrive://, {_CREDENTIAL_HELP}") from None
+        except GDriveAuthError as exc:
+            cause = exc.__cause__
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+            raise ConfigurationError(
+                f"Google Drive authentication failed ({detail}). Check the credentials in "
+                f"storage_options; {_CREDENTIAL_HELP}"
+            ) from None
+        if start not in ("root", "appDataFolder"):
+            _check_start_folder(fs, start)
+        return cls(fs), root
+
+    @property
+    def protocol(self) -> str:
+        return "gdrive"  # pydrive2's class leaves fsspec's placeholder "abstract"
+
+    # --- what Drive's errors mean ------------------------------------------------
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if super().is_transient(exc):
+            return True
+        from pydrive2.files import ApiRequestError
+
+        if isinstance(exc, ApiRequestError):
+            code = exc.error.get("code", 0) if isinstance(exc.error, dict) else 0
+            if code in (408, 429) or 500 <= code < 600:
+                return True
+            return code == 403 and _reason(exc) in _RATE_LIMIT_REASONS
+        import httplib2
+
+        return isinstance(exc, httplib2.HttpLib2Error) and not isinstance(
+            exc, httplib2.RedirectLimit
+        )
+
+    # --- titles, not keys ------------------------------------------------------------
+
+    def _items(self, path: str) -> list[dict[str, Any]]:
+        """Every non-trashed file titled like ``path`` in its folder (oldest id first)."""
+        _, base = self.fs.split_path(path)
+        parent, title = posixpath.split(base)
+        parent_ids = self.fs._path_to_item_ids(parent)
+        if not parent_ids:
+            return []
+        in_parents = " or ".join(f"'{pid}' in parents" for pid in parent_ids)
+        escaped = title.replace("\\", "\\\\").replace("'", "\\'")
+        query = f"trashed=false and ({in_parents}) and title='{escaped}'"
+        # Drive compares titles case-insensitively in queries; keep exact matches only.
+        found = [
+            item
+            for item in self.fs._gdrive_list(query)
+            if item["title"] == title and item.get("mimeType") != FOLDER_MIME
+        ]
+        return sorted(found, key=lambda item: item["id"])
+
+    def _delete(self, item_id: str) -> None:
+        from pydrive2.files import ApiRequestError
+
+        try:
+            self.fs._gdrive_delete_file(item_id)  # trashes or deletes, as trash_only says
+        except ApiRequestError as exc:
+            if exc.error.get("code") != 404:  # already gone: what we wanted
+                raise
+
+    def _keep_only(self, path: str, keep_id: str) -> None:
+        for item in self._items(path):
+            if item["id"] != keep_id:
+                self._delete(item["id"])
+
+    def remove(self, path: str) -> None:
+        for item in self._items(path):
+            self._delete(item["id"])
+
+    def make_dirs(self, path: str) -> None:
+        # Creates the folder chain now, so a bad folder id or a missing permission
+        # fails before the first upload rather than in the middle of it.
+        _, base = self.fs.split_path(path)
+        self.fs._path_to_item_ids(base, create=True)
+
+    # --- writing -------------------------------------------------------------------
+
+    def upload(
+        self, local_path: str, remote_path: str, entry: FileEntry, callback: Any = None
+    ) -> None:
+        if callback is not None:
+            callback.set_size(entry.size)
+        with open(local_path, "rb") as stream:  # streamed by googleapiclient, never buffered
+            item = self.fs.upload_fobj(stream, remote_path, callback=callback)
+        # A retried upload, or an earlier save of this name, leaves older files
+        # with the same title: remove them so exactly this one remains.
+        self._keep_only(remote_path, item["id"])
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        items = self._items(path)
+        if len(items) == 1:
+            # One file already: upload a new revision of it. Readers see the old
+            # content or the new, never two files (the state file takes this path).
+            item = self.fs.client.CreateFile({"id": items[0]["id"]})
+            item.content = io.BytesIO(data)
+            _gdrive_retry(item.Upload)()
+            return
+        item = self.fs.upload_fobj(io.BytesIO(data), path)
+        self._keep_only(path, item["id"])
+
+    # --- reading -----------------------------------------------------------------------
+
+    def verify(self, path: str, entry: FileEntry) -> str | None:
+        items = self._items(path)
+        if not items:
+            return f"{entry.name}: not found on Drive after the upload"
+        if len(items) > 1:
+            return (
+                f"{entry.name}: {len(items)} files with this title in the folder "
+                "(is another process writing to it?)"
+            )
+        item = items[0]
+        size = int(item.get("fileSize", -1))
+        if size != entry.size:
+            return f"{entry.name}: stored size {size} != manifest size {entry.size}"
+        md5 = item.get("md5Checksum")
+        if entry.md5 is None or not md5:
+            return self._verify_by_reading_back(path, entry)
+        if md5.lower() != entry.md5:
+            return f"{entry.name}: Drive's md5Checksum {md5} != manifest md5 {entry.md5}"
+        return None
+
+    def download(self, remote_path: str, local_path: str, entry: FileEntry) -> None:
+        items = self._items(remote_path)
+        if not items:
+            raise FileNotFoundError(remote_path)
+        # With duplicate titles, take the copy the manifest describes.
+        chosen = next(
+            (i for i in items if entry.md5 and i.get("md5Checksum") == entry.md5), items[0]
+        )
+        self.fs._gdrive_get_file(chosen["id"], local_path, block_size=DOWNLOAD_CHUNK)
+
+
+def _check_start_folder(fs: Any, folder_id: str) -> None:
+    """Fail now, and say why, when the folder id at the start of the URL is not visible."""
+    try:
+        _ = fs._list_params  # pydrive2 looks the id up here (and whether it is a shared drive)
+    except PermissionError:
+        raise ConfigurationError(
+            f"Google Drive folder {folder_id!r} (the first part of the gdrive:// URL) was not "
+            "found or this account cannot see it. Use the id from the folder's address "
+            "(drive.google.com/drive/folders/<id>) and share the folder with the account "
+            "(for a service account, with its client_email), or start the URL with root/ "
+            "for My Drive."
+        ) from None
+    except Exception:  # network trouble: the first listing retries it and reports it
+        pass
+
+
+def _gdrive_retry(call: Any) -> Any:
+    """pydrive2's own retry (rate-limit 403s and 5xx), as its filesystem applies it."""
+    from pydrive2.fs.spec import _gdrive_retry as retry
+
+    return retry(call)
+
+
+def _reason(exc: Any) -> str | None:
+    try:
+        return exc.GetField("reason")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
