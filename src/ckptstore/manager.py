@@ -7,13 +7,18 @@ The facade composes the parts of the data path and does no I/O of its own:
 
 Two modes, chosen from the arguments:
 
-* **Local** - ``directory`` is a plain path and no ``staging_dir`` is given. The
-  manager behaves exactly like TensorFlow's: same files, same state file, same
-  return values, same retention. Nothing runs in the background.
+* **Local** - ``directory`` is a plain path on an ordinary filesystem (local
+  disk, NFS, ...) and no ``staging_dir`` is given. The manager behaves exactly
+  like TensorFlow's: same files, same state file, same return values, same
+  retention. Nothing runs in the background.
 * **Remote** - ``directory`` is a URL (``s3://``, ``gs://``, ``file://``,
   ``memory://``, any fsspec protocol), or ``staging_dir`` is given. TensorFlow
   writes into the staging directory; the upload, verification and commit run
   in a background thread, and a save counts once its manifest is committed.
+  A plain path with no ``staging_dir`` on a cloud-synced FUSE mount (Colab's
+  ``/content/drive``, gcsfuse, s3fs, rclone, ...: :mod:`~ckptstore.mounts`)
+  is remote too, with the default staging directory: the mount is the remote,
+  and reading back through it verifies each copy.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore import backends, restore, staging
+from ckptstore import backends, mounts, restore, staging
 from ckptstore.errors import ConfigurationError
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
@@ -143,6 +148,27 @@ class CheckpointManager:
             and os.path.abspath(staging_dir) == os.path.abspath(directory)
         ):
             remote_mode = False  # staging into the directory itself is plain local mode
+        if not remote_mode and staging_dir is None:
+            # On a cloud-synced mount, TensorFlow's direct write blocks training on
+            # the FUSE daemon, and a runtime killed mid-write can leave a checkpoint
+            # there that looks complete. Treat the mount as the remote: stage on
+            # local disk, copy and verify in the background, commit by manifest.
+            mount = mounts.cloud_synced_mount(directory)
+            if mount is not None:
+                remote_mode = True
+                # The absolute path: a relative one would share staging across cwds.
+                staging_dir = staging.default_staging_dir(os.path.abspath(directory))
+                log.info(
+                    "ckptstore: %s is on a cloud-synced mount (%s at %s). Checkpoints are "
+                    "staged in %s and copied to the mount in the background, each copy "
+                    "verified by reading it back through the mount. Pass staging_dir= to "
+                    "stage elsewhere (staging_dir=%r writes directly, as TensorFlow does).",
+                    directory,
+                    mount.fstype,
+                    mount.mount_point,
+                    staging_dir,
+                    directory,
+                )
 
         if not remote_mode:
             self._staging_dir = directory

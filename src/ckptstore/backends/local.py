@@ -1,4 +1,4 @@
-"""Local and mounted filesystems (``file://``, a path with ``staging_dir=``).
+"""Local and mounted filesystems (``file://``, a plain path with ``staging_dir=``, a cloud mount).
 
 A local write is visible while it is in progress and a kill can leave it half
 done, so small objects are written to a unique temporary name and renamed over
@@ -6,14 +6,22 @@ the target (``os.replace`` is atomic on POSIX). Data files are fsynced before
 the manifest that vouches for them is written, so a power cut cannot leave a
 committed manifest over data still in the page cache. No checksum is kept by a
 local filesystem: verification reads back (the default).
+
+On a cloud-synced FUSE mount (Colab's Drive, gcsfuse, ...; see
+:mod:`ckptstore.mounts`) the kernel's page cache still holds the bytes that
+were just written, so a plain read-back would only prove what the kernel
+remembers. There the file's cached pages are dropped before the read-back, so
+the bytes come from the mount's daemon.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import Any
 
+from ckptstore import mounts
 from ckptstore.backends.base import Backend
 from ckptstore.manifest import FileEntry
 
@@ -28,7 +36,29 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _drop_cached_pages(path: str) -> None:
+    """Evict ``path`` from the page cache, so the next read asks the filesystem.
+
+    ``POSIX_FADV_DONTNEED`` drops only clean pages, so the file is fsynced
+    first: on FUSE this also hands every written page to the daemon. Where the
+    call does not exist (not Linux) or is refused, the read-back still runs,
+    only possibly from the cache, as it does on any local remote.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 class LocalBackend(Backend):
+    #: directory -> whether it is on a cloud-synced mount. Filled on first use,
+    #: once per directory, because the mount table is the same for every file.
+    _cloud_verdicts: dict[str, bool] | None = None
+
     def write_atomic(self, path: str, data: bytes) -> None:
         tmp = f"{path}{TEMP_MARKER}{uuid.uuid4().hex}"
         try:
@@ -47,3 +77,20 @@ class LocalBackend(Backend):
     ) -> None:
         super().upload(local_path, remote_path, entry, callback)
         _fsync(remote_path)
+
+    def verify(self, path: str, entry: FileEntry) -> str | None:
+        if self.on_cloud_mount(path):
+            _drop_cached_pages(path)
+        return super().verify(path, entry)
+
+    def on_cloud_mount(self, path: str) -> bool:
+        """Whether ``path`` is on a mount that uploads to a cloud after the write."""
+        directory = os.path.dirname(path)
+        if self._cloud_verdicts is None:
+            self._cloud_verdicts = {}
+        verdict = self._cloud_verdicts.get(directory)
+        if verdict is None:
+            # Several upload threads may compute this at once; they agree.
+            verdict = mounts.cloud_synced_mount(directory) is not None
+            self._cloud_verdicts[directory] = verdict
+        return verdict
