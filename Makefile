@@ -32,6 +32,7 @@ test: lint
 bench: $(DEPS)
 	$(BIN)/python benchmarks/save_blocking.py
 	$(BIN)/python benchmarks/upload_throughput.py
+	$(BIN)/python benchmarks/drive_transfer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-run

@@ -384,3 +384,50 @@ def test_drive_credentials_stay_out_of_reprs_logs_and_errors(
     text = shown + caplog.text + remote.read("ckpt-1.manifest.json").decode()
     assert "retry" in caplog.text  # the 429s were logged ...
     assert secret not in text and "PRIVATE-KEY" not in text  # ... without a secret
+
+
+# --- a flaky link ----------------------------------------------------------------------------
+
+
+def test_every_checkpoint_commits_with_a_fifth_of_requests_failing(drive_server, tmp_path):
+    from servers.faultproxy import FaultProxy
+
+    proxy = FaultProxy("127.0.0.1", drive_server.port, seed=7, stall_seconds=2)
+    proxy.start()
+    try:
+        spec = gdrive_remote(drive_server, url=proxy.endpoint_url)
+        state = TrainState()
+        proxy.set_failure_rate(0.2, ("5xx", "reset", "stall"))
+        with manager(
+            state,
+            spec,
+            tmp_path / "a",
+            max_to_keep=4,
+            max_pending_uploads=10,
+            when_behind="block",
+            retry=ckptstore.RetryPolicy(attempts=8, initial_delay=0.05),
+        ) as m:
+            for step in range(1, 5):
+                state.advance_to(step)
+                m.save()
+            m.sync()
+            status = m.upload_status()
+        proxy.set_failure_rate(0.0)
+        logging.getLogger("ckptstore").info(
+            "gdrive with 20%% faults: %d requests, %d faults %s, %d ckptstore retries",
+            proxy.requests,
+            proxy.total_faults,
+            proxy.faults_injected,
+            status.retries,
+        )
+    finally:
+        proxy.stop()
+    assert proxy.total_faults > 0, "no fault was injected: the test proves nothing"
+    assert status.failed == {} and status.skipped == ()
+    assert spec.manifests() == ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"]
+    for n in range(1, 5):  # retried uploads left no second copy behind
+        assert len(live(drive_server, spec, f"ckpt-{n}{DATA}")) == 1
+    direct = gdrive_remote(drive_server)
+    direct.url, direct.root = spec.url, spec.root
+    fresh, prefix = fresh_restore(direct, tmp_path / "b")
+    assert os.path.basename(prefix) == "ckpt-4" and fresh.matches_step(4)

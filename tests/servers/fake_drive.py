@@ -1825,3 +1825,24 @@ def block_external_network() -> Iterator[list[str]]:
         socket.socket.connect = orig_connect  # type: ignore[method-assign]
         socket.socket.connect_ex = orig_connect_ex  # type: ignore[method-assign]
         socket.getaddrinfo = orig_getaddrinfo
+
+
+def main() -> None:
+    """Serve until killed, in its own process (benchmarks keep its memory out of theirs).
+
+    Prints ``URL TOKEN`` on one line once the server listens.
+    """
+    import signal
+    import sys
+
+    server = FakeDriveServer().start()
+    print(server.url, server.access_token, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        threading.Event().wait()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

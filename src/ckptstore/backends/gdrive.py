@@ -124,13 +124,11 @@ class DriveBackend(Backend):
     def is_transient(self, exc: BaseException) -> bool:
         if super().is_transient(exc):
             return True
-        from pydrive2.files import ApiRequestError
-
-        if isinstance(exc, ApiRequestError):
-            code = exc.error.get("code", 0) if isinstance(exc.error, dict) else 0
-            if code in (408, 429) or 500 <= code < 600:
+        status, reason = _http_status(exc)
+        if status is not None:
+            if status in (408, 429) or 500 <= status < 600:
                 return True
-            return code == 403 and _reason(exc) in _RATE_LIMIT_REASONS
+            return status == 403 and reason in _RATE_LIMIT_REASONS
         import httplib2
 
         return isinstance(exc, httplib2.HttpLib2Error) and not isinstance(
@@ -262,8 +260,29 @@ def _gdrive_retry(call: Any) -> Any:
     return retry(call)
 
 
-def _reason(exc: Any) -> str | None:
-    try:
-        return exc.GetField("reason")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return None
+def _http_status(exc: BaseException) -> tuple[int | None, str | None]:
+    """HTTP status and Drive's error reason behind ``exc``, if an HTTP answer caused it.
+
+    pydrive2 wraps googleapiclient's ``HttpError`` in ``ApiRequestError`` by
+    parsing the body as JSON. A non-JSON body (an HTML 502/503 from a front end
+    or proxy) makes that parse raise ``JSONDecodeError`` instead, with the
+    ``HttpError`` as its context, so the whole chain is searched.
+    """
+    from googleapiclient.errors import HttpError
+    from pydrive2.files import ApiRequestError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ApiRequestError) and isinstance(current.error, dict):
+            code = current.error.get("code")
+            if isinstance(code, int):
+                errors = current.error.get("errors") or [{}]
+                reason = errors[0].get("reason") if isinstance(errors[0], dict) else None
+                return code, reason
+        if isinstance(current, HttpError):
+            status = getattr(current.resp, "status", None)
+            return (int(status) if status is not None else None), None
+        current = current.__cause__ or current.__context__
+    return None, None
