@@ -30,7 +30,9 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from fsspec.callbacks import Callback
 
 from ckptstore import manifest as mf
 from ckptstore import staging
@@ -113,8 +115,34 @@ class UploadStatus:
     pending: tuple[str, ...]
     failed: dict[str, str]
     skipped: tuple[str, ...]
+    #: bytes of files verified on the remote
     bytes_uploaded: int
     retries: int
+    #: bytes handed to the network so far, retried attempts included (progress; grows
+    #: during a file's upload, in parts where the backend uploads in parts)
+    bytes_sent: int = 0
+
+
+class _SentBytes(Callback):
+    """fsspec progress callback adding what a backend reports sent to the uploader's count."""
+
+    def __init__(self, uploader: Uploader):
+        super().__init__()
+        self._uploader = uploader
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def relative_update(self, inc: int = 1) -> None:
+        with self._uploader._cond:
+            self._uploader._bytes_sent += inc
+        super().relative_update(inc)
+
+    def absolute_update(self, value: int) -> None:
+        if value < self.value:  # a retried attempt starts over: count it from here
+            self.value = value
+            return
+        self.relative_update(value - self.value)
 
 
 class Uploader:
@@ -158,6 +186,7 @@ class Uploader:
         self._last_state_text: str | None = None
         self._prepared = False
         self._bytes_uploaded = 0
+        self._bytes_sent = 0
         self._retries = 0
         self._stop = threading.Event()
         self._closed = False
@@ -253,6 +282,7 @@ class Uploader:
                 failed=dict(self._failed),
                 skipped=tuple(self._skipped),
                 bytes_uploaded=self._bytes_uploaded,
+                bytes_sent=self._bytes_sent,
                 retries=self._retries,
             )
 
@@ -345,7 +375,10 @@ class Uploader:
 
             def send(entry: mf.FileEntry) -> None:
                 local = os.path.join(self.staging_dir, entry.name)
-                self._call(f"upload {entry.name}", lambda: self.remote.upload(local, entry))
+                progress = _SentBytes(self)
+                self._call(
+                    f"upload {entry.name}", lambda: self.remote.upload(local, entry, progress)
+                )
                 self._call(f"verify {entry.name}", lambda: self.remote.verify(entry))
                 with self._cond:
                     self._bytes_uploaded += entry.size

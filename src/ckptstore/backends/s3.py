@@ -12,9 +12,11 @@ What fsspec does not say about S3:
   a multipart of our own: each part with its CRC32C, S3 then reporting the
   composite "CRC32C of the part CRC32Cs" with a ``-N`` suffix. This is the one
   piece written by hand because no library does it.
-* **Memory.** One reader feeds the part uploaders through a one-slot queue:
-  at most ``concurrency + 2`` parts are in memory, whatever the file size
-  (``upload_concurrency`` and ``upload_part_size`` of the manager).
+* **Memory.** Parts are not held in memory: one reader computes each part's
+  CRC32C in a streaming pass and hands ``(offset, length, crc)`` to the part
+  uploaders, which send the part straight from the staged file (a seekable
+  slice, so botocore can sign it and rewind it for a retry). Memory per part
+  in flight is a read buffer, whatever ``upload_part_size`` is.
 * **Errors.** s3fs turns a 503 into ``OSError(EBUSY)`` and a 500 into
   ``OSError(EIO)``; those, timeouts and connection errors are retried.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import io
 import logging
 import os
 import queue
@@ -44,6 +47,7 @@ from ckptstore.manifest import FileEntry
 log = logging.getLogger("ckptstore")
 
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
+_HASH_CHUNK = 1024 * 1024
 _RETRYABLE_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET}
 
 
@@ -86,6 +90,8 @@ class S3Backend(Backend):
         bucket, key, _ = self.fs.split_path(remote_path)
         size = os.path.getsize(local_path)
         part = max(MIN_PART, self.part_size)
+        if callback is not None:
+            callback.set_size(size)
         if size <= part:
             with open(local_path, "rb") as f:
                 body = f.read()
@@ -101,14 +107,21 @@ class S3Backend(Backend):
                 ChecksumCRC32C=value,
             )
             self._expected[remote_path] = value
-        else:
-            self._expected[remote_path] = self._multipart(local_path, bucket, key, part, entry)
-        if callback is not None:
-            callback.set_size(size)
-            callback.relative_update(size)
+            if callback is not None:
+                callback.relative_update(size)
+        else:  # reports progress part by part
+            self._expected[remote_path] = self._multipart(
+                local_path, bucket, key, part, entry, callback
+            )
 
     def _multipart(
-        self, local_path: str, bucket: str, key: str, part_size: int, entry: FileEntry
+        self,
+        local_path: str,
+        bucket: str,
+        key: str,
+        part_size: int,
+        entry: FileEntry,
+        callback: Any = None,
     ) -> str:
         mpu = self.fs.call_s3(
             "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C"
@@ -121,25 +134,29 @@ class S3Backend(Backend):
 
         def send() -> None:
             while (item := work.get()) is not None:
-                number, body, value = item
+                number, offset, length, value = item
                 if errors:
                     continue
                 try:
-                    r = self.fs.call_s3(
-                        "upload_part",
-                        Bucket=bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=body,
-                        ChecksumAlgorithm="CRC32C",
-                        ChecksumCRC32C=crc_b64(value),
-                    )
+                    with _FilePart(local_path, offset, length) as body:
+                        r = self.fs.call_s3(
+                            "upload_part",
+                            Bucket=bucket,
+                            Key=key,
+                            UploadId=upload_id,
+                            PartNumber=number,
+                            Body=body,
+                            ContentLength=length,
+                            ChecksumAlgorithm="CRC32C",
+                            ChecksumCRC32C=crc_b64(value),
+                        )
                     parts[number] = {
                         "PartNumber": number,
                         "ETag": r["ETag"],
                         "ChecksumCRC32C": crc_b64(value),
                     }
+                    if callback is not None:
+                        callback.relative_update(length)
                 except BaseException as exc:
                     errors.append(exc)
 
@@ -148,12 +165,20 @@ class S3Backend(Backend):
             t.start()
         try:
             with open(local_path, "rb") as f:
-                number, whole = 1, 0
-                while not errors and (body := f.read(part_size)):
-                    crcs[number] = crc32c.crc32c(body)
-                    whole = crc32c.crc32c(body, whole)  # same pass: the file as uploaded
-                    work.put((number, body, crcs[number]))
-                    number += 1
+                number, offset, whole = 1, 0, 0
+                while not errors:
+                    value, length = 0, 0
+                    while length < part_size and (
+                        chunk := f.read(min(_HASH_CHUNK, part_size - length))
+                    ):
+                        value = crc32c.crc32c(chunk, value)
+                        whole = crc32c.crc32c(chunk, whole)  # same pass: the file as uploaded
+                        length += len(chunk)
+                    if not length:
+                        break
+                    crcs[number] = value
+                    work.put((number, offset, length, value))
+                    number, offset = number + 1, offset + length
         finally:
             for _ in senders:
                 work.put(None)
@@ -206,3 +231,52 @@ class S3Backend(Backend):
             self._expected.pop(path, None)  # kept until now: a retried verify needs it too
             return None
         return self._verify_by_reading_back(path, entry)
+
+
+class _FilePart(io.RawIOBase):
+    """``length`` bytes of a file from ``offset``, read from disk as they are sent.
+
+    Seekable and sized, so botocore can hash it for the signature, send it, and
+    rewind it for a retry, without the part ever being held in memory.
+    """
+
+    def __init__(self, path: str, offset: int, length: int):
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._offset, self._length, self._pos = offset, length, 0
+        self._file.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._length - self._pos
+        if size is None or size < 0 or size > left:
+            size = left
+        data = self._file.read(size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = min(max(0, base + pos), self._length)
+        self._file.seek(self._offset + self._pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return self._length
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
