@@ -731,3 +731,36 @@ class FaultProxy:
                     if trailer in (b"\r\n", b"\n"):
                         return
             self._copy_n(src, dst, size + 2)  # data plus its CRLF
+
+
+def main() -> None:
+    """Run a proxy in its own process (benchmarks keep its work out of the trainer's).
+
+    ``python faultproxy.py UPSTREAM_PORT [--bandwidth BYTES_PER_S] [--latency SECONDS]``
+    prints the proxy's port on one line once it listens, then serves until killed.
+    """
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("upstream_port", type=int)
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s each direction")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
+    args = parser.parse_args()
+    proxy = FaultProxy(
+        "127.0.0.1",
+        args.upstream_port,
+        bandwidth_bytes_per_s=args.bandwidth,
+        latency_s=args.latency,
+    ).start()
+    print(proxy.port, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        threading.Event().wait()
+    finally:
+        proxy.stop()
+
+
+if __name__ == "__main__":
+    main()
