@@ -242,6 +242,7 @@ from ckptstore.manifest import hash_file
 
 url, options, local = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 backend, root = resolve(url, options)
+backend.part_size = int(sys.argv[4])
 entry = hash_file(local, "ckpt-1.data-00000-of-00001")
 backend.fs.ls(root.split("/")[0])  # the client and botocore's service model load here, once
 def kb(field):
@@ -253,7 +254,10 @@ print("GROWTH", (kb("VmHWM") - start) * 1024)
 """
 
 
-def test_s3_multipart_streams_parts_from_the_staged_file(s3_server, tmp_path):
+@pytest.mark.parametrize(
+    "part_size", [8 * 1024 * 1024, 128 * 1024 * 1024], ids=["multipart", "single-put"]
+)
+def test_s3_uploads_stream_from_the_staged_file(s3_server, tmp_path, part_size):
     # A child process, so moto's copy of the upload (in this process) is not counted.
     import json
     import subprocess
@@ -270,6 +274,7 @@ def test_s3_multipart_streams_parts_from_the_staged_file(s3_server, tmp_path):
             spec.url,
             json.dumps(spec.storage_options),
             str(local),
+            str(part_size),
         ],
         capture_output=True,
         text=True,
@@ -277,6 +282,7 @@ def test_s3_multipart_streams_parts_from_the_staged_file(s3_server, tmp_path):
     )
     growth = int(out.stdout.split("GROWTH")[1]) if "GROWTH" in out.stdout else None
     assert growth is not None, out.stderr[-3000:]
-    # Default: 8 MiB parts, 4 in flight. Holding parts in memory would cost 4-6 of them.
+    # 8 MiB parts, 4 in flight: holding parts in memory would cost 4-6 of them. One
+    # PUT of the whole file (it fits in a 128 MiB part) would hold 96 MiB.
     assert growth < 16 * 1024 * 1024, f"peak RSS grew by {growth / 1e6:.1f} MB"
     assert len(spec.read("ckpt-1.data-00000-of-00001")) == 96 * 1024 * 1024

@@ -42,7 +42,11 @@ MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
 MAX_FILES = 100_000
 MAX_FILE_SIZE = 1 << 50  # 1 PiB
-_CHUNK = 8 * 1024 * 1024
+# Hashing reads into one reused buffer of this size. A fresh bytes object per
+# chunk would be freed and re-allocated thousands of times per checkpoint, and
+# glibc keeps such freed chunks in per-thread arenas: peak RSS grew by tens of MB
+# on a 256 MiB checkpoint that way (benchmarks/slow_link.py).
+_CHUNK = 1024 * 1024
 
 # One id per process: tells apart two writers that share a host name and pid
 # (containers, restarted notebooks).
@@ -219,7 +223,7 @@ class StreamHasher:
         self._md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
         self.size = 0
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         self._crc = crc32c.crc32c(chunk, self._crc)
         if self._md5 is not None:
             self._md5.update(chunk)
@@ -236,16 +240,23 @@ class StreamHasher:
 
 
 def hash_stream(stream: BinaryIO, name: str, *, with_md5: bool = False) -> FileEntry:
-    """Hash an open binary stream to its end."""
+    """Hash an open binary stream to its end, through one reused buffer."""
     hasher = StreamHasher(with_md5)
-    while chunk := stream.read(_CHUNK):
-        hasher.update(chunk)
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    readinto = getattr(stream, "readinto", None)
+    if readinto is None:  # a stream without readinto: plain reads
+        while chunk := stream.read(_CHUNK):
+            hasher.update(chunk)
+        return hasher.entry(name)
+    while n := readinto(view):
+        hasher.update(view[:n])
     return hasher.entry(name)
 
 
 def hash_file(path: str, name: str | None = None, *, with_md5: bool = False) -> FileEntry:
-    """Size and checksums of a local file, read in 8 MiB chunks."""
-    with open(path, "rb") as stream:
+    """Size and checksums of a local file, read in 1 MiB chunks into one buffer."""
+    with open(path, "rb", buffering=0) as stream:
         return hash_stream(stream, name or os.path.basename(path), with_md5=with_md5)
 
 

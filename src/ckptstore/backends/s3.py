@@ -93,19 +93,19 @@ class S3Backend(Backend):
         if callback is not None:
             callback.set_size(size)
         if size <= part:
-            with open(local_path, "rb") as f:
-                body = f.read()
             # The manifest's CRC, not one computed from this body: S3 then refuses any
             # body that differs from what the manifest vouches for.
             value = crc_b64(int(entry.crc32c, 16))
-            self.fs.call_s3(
-                "put_object",
-                Bucket=bucket,
-                Key=key,
-                Body=body,
-                ChecksumAlgorithm="CRC32C",
-                ChecksumCRC32C=value,
-            )
+            with _FilePart(local_path, 0, size) as body:  # streamed, like a part
+                self.fs.call_s3(
+                    "put_object",
+                    Bucket=bucket,
+                    Key=key,
+                    Body=body,
+                    ContentLength=size,
+                    ChecksumAlgorithm="CRC32C",
+                    ChecksumCRC32C=value,
+                )
             self._expected[remote_path] = value
             if callback is not None:
                 callback.relative_update(size)
@@ -164,16 +164,18 @@ class S3Backend(Backend):
         for t in senders:
             t.start()
         try:
-            with open(local_path, "rb") as f:
+            buffer = memoryview(bytearray(_HASH_CHUNK))  # reused: no allocation per chunk
+            with open(local_path, "rb", buffering=0) as f:
                 number, offset, whole = 1, 0, 0
                 while not errors:
                     value, length = 0, 0
                     while length < part_size and (
-                        chunk := f.read(min(_HASH_CHUNK, part_size - length))
+                        n := f.readinto(buffer[: min(_HASH_CHUNK, part_size - length)])
                     ):
+                        chunk = buffer[:n]
                         value = crc32c.crc32c(chunk, value)
                         whole = crc32c.crc32c(chunk, whole)  # same pass: the file as uploaded
-                        length += len(chunk)
+                        length += n
                     if not length:
                         break
                     crcs[number] = value
