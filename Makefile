@@ -8,8 +8,9 @@ BIN    := $(VENV)/bin
 # the suite and the demo install the CPU build themselves.
 TF_REQ ?= tensorflow-cpu==2.21.*
 DEPS   := $(VENV)/.deps-installed
+BENCH_DEPS := $(VENV)/.bench-deps-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-link clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +30,19 @@ lint: $(DEPS)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: $(DEPS)
+$(BENCH_DEPS): pyproject.toml $(DEPS)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	touch $@
+
+bench: bench-link
 	$(BIN)/python benchmarks/save_blocking.py
 	$(BIN)/python benchmarks/upload_throughput.py
 	$(BIN)/python benchmarks/drive_transfer.py
+
+# ckptstore against tf.train.CheckpointManager on a 40 MB/s link (about 15 minutes);
+# writes benchmarks/results/slow_link.{md,json,png}. ARGS=--quick for a 2-minute smoke run.
+bench-link: $(BENCH_DEPS)
+	$(BIN)/python benchmarks/slow_link.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-run
