@@ -595,8 +595,10 @@ def plot(results: dict, pressure: dict, link: dict, out: str) -> None:
         ax2.plot([s[0] for s in r["samples"]], [s[1] / MB for s in r["samples"]], label=name)
         for t in r["saved_at"]:
             ax2.axvline(t, color="grey", alpha=0.08)
-    longest = max(results[n]["samples"][-1][0] for n in REMOTE_SYSTEMS)
-    ax2.plot([0, longest], [0, longest * link["up"] / MB], "k--", lw=0.8, label="link rate")
+    # The link's measured rate, from the first save until one run's bytes could be through.
+    first = results["ckptstore"]["saved_at"][0]
+    total = results["ckptstore"]["bytes_sent"]
+    ax2.plot([first, first + total / link["up"]], [0, total / MB], "k--", lw=0.8, label="link rate")
     ax2.set_xlabel("time (s)")
     ax2.set_ylabel("MB sent")
     ax2.set_title("Upload progress (grey: saves)")
@@ -631,8 +633,9 @@ def main() -> None:
     parser.add_argument(
         "--server-nice",
         type=int,
-        default=0,
-        help="niceness of the S3 server and proxy (19: they only get idle CPU)",
+        default=19,
+        help="niceness of the S3 server and proxy: on a real link they run on another machine, "
+        "so by default they yield the CPU to training (0: compete with it)",
     )
     parser.add_argument("--quick", action="store_true", help="64 MiB, 4 saves: a smoke run")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "slow_link"))
