@@ -65,14 +65,6 @@ REMOTE_SYSTEMS = ("tf + upload", "ckptstore", "ckptstore async")
 # --------------------------------------------------------------------------- the link
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_link(
     bandwidth: float, latency: float, nice: int = 0
 ) -> tuple[list[subprocess.Popen], dict, dict]:
@@ -81,30 +73,17 @@ def start_link(
     ``nice`` lowers the servers' CPU priority: on a real link they run on another
     machine, here they share this one's cores with the training they serve.
     """
-    import urllib.request
+    from moto_process import start_moto
 
     def lower_priority() -> None:
         os.nice(nice)
 
-    port = free_port()
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=lower_priority,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
+    moto, endpoint = start_moto(nice)
     proxy = subprocess.Popen(
         [
             sys.executable,
             os.path.join(HERE, "..", "tests", "servers", "faultproxy.py"),
-            str(port),
+            endpoint.rsplit(":", 1)[1],
             "--bandwidth",
             str(bandwidth),
             "--latency",

@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -36,30 +34,13 @@ import fsspec
 import tensorflow as tf
 
 import ckptstore
+from moto_process import start_moto as start_moto_process
 from save_blocking import checkpoint_bytes, make_checkpoint, touch
 from servers.gcs import GCSServer  # before any gs:// URL: it sets gcsfs's environment
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_moto() -> tuple[subprocess.Popen, dict]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
+    proc, endpoint = start_moto_process()
     options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint}}
     fsspec.filesystem("s3", **options).mkdir("bench")
     return proc, options
