@@ -534,9 +534,10 @@ def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict, ou
     ]
     for policy, r in pressure.items():
         bound_bytes = (cfg["max_to_keep"] + 2 + 1) * size
+        n = len(r["blocking"])
         lines.append(
             f"| {policy} | {statistics.median(r['blocking']):.3f} s | {max(r['blocking']):.3f} s "
-            f"| {r['durable']:.1f} s | {k - len(r['skipped'])} of {k} | {len(r['skipped'])} "
+            f"| {r['durable']:.1f} s | {n - len(r['skipped'])} of {n} | {len(r['skipped'])} "
             f"| {r['bytes_sent'] / MB:.0f} MB "
             f"| {r['staging_peak'] / MB:.0f} MB | {bound_bytes / MB:.0f} MB |"
         )
@@ -650,7 +651,14 @@ def main() -> None:
         for policy in ("skip", "block"):
             print(f"running back-pressure ({policy}) ...", flush=True)
             pressure[f'when_behind="{policy}"'] = run_worker(
-                {**cfg, "system": "ckptstore", "interval": interval / 4, "when_behind": policy},
+                {
+                    **cfg,
+                    "system": "ckptstore",
+                    "interval": interval / 4,
+                    "when_behind": policy,
+                    # Enough saves to fill the queue, also in a --quick run.
+                    "saves": max(cfg["saves"], 10),
+                },
                 procs,
             )
     finally:
