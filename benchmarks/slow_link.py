@@ -206,6 +206,8 @@ def worker(cfg: dict) -> dict:
     from save_blocking import checkpoint_bytes, touch
 
     system, work = cfg["system"], cfg["work"]
+    if cfg.get("intra_op_threads"):  # e.g. cores - 1: a core left to the uploads
+        tf.config.threading.set_intra_op_parallelism_threads(cfg["intra_op_threads"])
     ckpt, variables = make_checkpoint(cfg["size_mb"])
 
     # A training interval: a fixed number of matmuls, calibrated with nothing else running.
@@ -506,8 +508,9 @@ def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict, ou
     lines += [
         "",
         "Where the slowdown of the next interval comes from: CPU used while training ran, per save "
-        f"(2 cores shared by training, the uploads, and the link's servers at nice "
-        f"{cfg.get('server_nice', 0)}).",
+        f"({os.cpu_count()} cores shared by training, the uploads, and the link's servers at nice "
+        f"{cfg.get('server_nice', 0)}; TensorFlow intra-op threads: "
+        f"{cfg.get('intra_op_threads') or 'all cores'}).",
         "",
         "| system | next interval slower by | this process's CPU above TF local "
         "| S3 server + proxy CPU |",
@@ -617,6 +620,12 @@ def main() -> None:
         help="niceness of the S3 server and proxy: on a real link they run on another machine, "
         "so by default they yield the CPU to training (0: compete with it)",
     )
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="TensorFlow's intra-op threads in the workers (0: TensorFlow's default, all cores)",
+    )
     parser.add_argument("--quick", action="store_true", help="64 MiB, 4 saves: a smoke run")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "slow_link"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -641,6 +650,7 @@ def main() -> None:
             "latency_ms": args.latency_ms,
             "max_to_keep": args.max_to_keep,
             "server_nice": args.server_nice,
+            "intra_op_threads": args.intra_op_threads,
             "slow": slow,
         }
         results = {}

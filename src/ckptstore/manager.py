@@ -82,7 +82,8 @@ class CheckpointManager:
         retry: how transient storage errors are retried.
         upload_concurrency: files of one checkpoint uploaded in parallel, and
             parts of one file where the backend uploads in parts (S3).
-        upload_part_size: bytes per part of a multipart upload (S3; at least 5 MiB).
+        upload_part_size: bytes per part of a multipart upload (S3; at least 5 MiB),
+            and per chunk of a resumable upload (GCS; rounded down to 256 KiB).
     """
 
     def __init__(
