@@ -82,8 +82,11 @@ class CheckpointManager:
         retry: how transient storage errors are retried.
         upload_concurrency: files of one checkpoint uploaded in parallel, and
             parts of one file where the backend uploads in parts (S3).
-        upload_part_size: bytes per part of a multipart upload (S3; at least 5 MiB),
-            and per chunk of a resumable upload (GCS; rounded down to 256 KiB).
+        upload_part_size: bytes per part of a multipart upload (S3; at least 5 MiB;
+            default 8 MiB, parts go in parallel), and per chunk of a resumable upload
+            (GCS; rounded down to 256 KiB; default 50 MiB, chunks go one after
+            another). Parts and chunks stream from the staged file: memory does not
+            grow with this size.
     """
 
     def __init__(
@@ -104,7 +107,7 @@ class CheckpointManager:
         when_behind: WhenBehind | str = WhenBehind.SKIP,
         retry: RetryPolicy | None = None,
         upload_concurrency: int = 4,
-        upload_part_size: int = 8 * 1024 * 1024,
+        upload_part_size: int | None = None,
     ):
         # TensorFlow's checks and attributes first, in TensorFlow's order.
         self._checkpoint = checkpoint
@@ -183,7 +186,9 @@ class CheckpointManager:
             directory if backends.is_remote_url(directory) else os.path.abspath(directory),
             storage_options,
         )
-        backend.concurrency, backend.part_size = upload_concurrency, upload_part_size
+        backend.concurrency = upload_concurrency
+        if upload_part_size is not None:
+            backend.part_size = upload_part_size
         self._remote = Remote(backend, root, self._redactor.url)
         self._staging_dir = staging.prepare_staging_dir(
             staging_dir or staging.default_staging_dir(self._redactor.url)

@@ -30,13 +30,15 @@ class Backend:
     needs_md5 = False
     #: Errors worth retrying with backoff; anything else fails the operation at once.
     transient_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    #: bytes per part (or chunk) where the backend uploads in parts, unless the user says
+    default_part_size = 8 * 1024 * 1024
 
     def __init__(self, fs: AbstractFileSystem):
         self.fs = fs
         #: parts of one file in flight at once, where the backend uploads in parts
         self.concurrency = 4
         #: bytes per part, where the backend uploads in parts
-        self.part_size = 8 * 1024 * 1024
+        self.part_size = self.default_part_size
 
     @classmethod
     def connect(cls, url: str, protocol: str, storage_options: dict[str, Any]) -> tuple[Any, str]:

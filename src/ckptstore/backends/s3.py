@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
-import io
 import logging
 import os
 import queue
@@ -41,6 +40,7 @@ from typing import Any
 import crc32c
 
 from ckptstore.backends.base import Backend
+from ckptstore.backends.file_part import FilePart
 from ckptstore.errors import VerificationError
 from ckptstore.manifest import FileEntry
 
@@ -96,7 +96,7 @@ class S3Backend(Backend):
             # The manifest's CRC, not one computed from this body: S3 then refuses any
             # body that differs from what the manifest vouches for.
             value = crc_b64(int(entry.crc32c, 16))
-            with _FilePart(local_path, 0, size) as body:  # streamed, like a part
+            with FilePart(local_path, 0, size) as body:  # streamed, like a part
                 self.fs.call_s3(
                     "put_object",
                     Bucket=bucket,
@@ -138,7 +138,7 @@ class S3Backend(Backend):
                 if errors:
                     continue
                 try:
-                    with _FilePart(local_path, offset, length) as body:
+                    with FilePart(local_path, offset, length) as body:
                         r = self.fs.call_s3(
                             "upload_part",
                             Bucket=bucket,
@@ -233,52 +233,3 @@ class S3Backend(Backend):
             self._expected.pop(path, None)  # kept until now: a retried verify needs it too
             return None
         return self._verify_by_reading_back(path, entry)
-
-
-class _FilePart(io.RawIOBase):
-    """``length`` bytes of a file from ``offset``, read from disk as they are sent.
-
-    Seekable and sized, so botocore can hash it for the signature, send it, and
-    rewind it for a retry, without the part ever being held in memory.
-    """
-
-    def __init__(self, path: str, offset: int, length: int):
-        super().__init__()
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self._offset, self._length, self._pos = offset, length, 0
-        self._file.seek(offset)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        left = self._length - self._pos
-        if size is None or size < 0 or size > left:
-            size = left
-        data = self._file.read(size)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = min(max(0, base + pos), self._length)
-        self._file.seek(self._offset + self._pos)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def __len__(self) -> int:
-        return self._length
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
