@@ -20,6 +20,7 @@ from typing import Any
 import fsspec
 import pytest
 
+import ckptstore
 from servers.fake_drive import FakeDriveServer, make_gdrive_fs, make_google_auth
 from servers.gcs import GCSServer  # isort: split  (sets gcsfs's environment before gcsfs loads)
 from servers.s3 import S3Server
@@ -104,6 +105,18 @@ def gcs_remote(server, endpoint_url: str | None = None) -> RemoteSpec:
     root = f"{BUCKET}/{uuid.uuid4().hex}"
     inspector = gcsfs.GCSFileSystem(skip_instance_cache=True, **server.storage_options())
     return RemoteSpec(f"gs://{root}", options, inspector, root)
+
+
+def open_manager(state: TrainState, spec: RemoteSpec, staging, **kwargs: Any):
+    """A ckptstore manager on ``spec``'s remote, staging in ``staging`` (keeps 2 unless told)."""
+    kwargs.setdefault("max_to_keep", 2)
+    return ckptstore.CheckpointManager(
+        state.checkpoint,
+        spec.url,
+        staging_dir=str(staging),
+        storage_options=spec.storage_options,
+        **kwargs,
+    )
 
 
 class DriveRemoteSpec(RemoteSpec):

@@ -21,6 +21,7 @@ import ckptstore
 from ckptstore.backends import resolve
 from ckptstore.manifest import hash_file
 from conftest import gcs_remote, s3_remote
+from conftest import open_manager as make
 from servers.faultproxy import FaultProxy
 from training import TrainState
 
@@ -51,17 +52,6 @@ def cloud(request):
     proxy.start()
     yield request.param, server, proxy
     proxy.stop()
-
-
-def make(state, spec, staging, **kwargs):
-    kwargs.setdefault("max_to_keep", 2)
-    return ckptstore.CheckpointManager(
-        state.checkpoint,
-        spec.url,
-        staging_dir=str(staging),
-        storage_options=spec.storage_options,
-        **kwargs,
-    )
 
 
 def test_every_checkpoint_commits_with_a_fifth_of_requests_failing(cloud, tmp_path):

@@ -18,11 +18,11 @@ import threading
 
 import pytest
 
-import ckptstore
 from ckptstore.backends import resolve
 from ckptstore.backends.gcs import persisted_bytes
 from ckptstore.manifest import hash_file
-from conftest import gcs_remote
+from conftest import gcs_remote, open_manager
+from training import TrainState
 
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
@@ -149,36 +149,17 @@ def test_default_chunks_are_large_so_few_round_trips(gcs_server, chunk_proxy, tm
 
 
 def test_upload_part_size_sets_the_chunk_through_the_manager(gcs_server, chunk_proxy, tmp_path):
-    from training import TrainState
-
+    shapes = ((1024, 1024, 5),)  # one 20 MiB variable
     proxy = chunk_proxy()
     spec = gcs_remote(gcs_server, proxy.endpoint_url)
-    state = TrainState(((1024, 1024, 5),))  # one 20 MiB variable
-    with ckptstore.CheckpointManager(
-        state.checkpoint,
-        spec.url,
-        max_to_keep=1,
-        staging_dir=str(tmp_path / "s"),
-        storage_options=spec.storage_options,
-        upload_part_size=8 * 1024 * 1024,
-    ) as m:
+    state = TrainState(shapes)
+    with open_manager(state, spec, tmp_path / "s", upload_part_size=8 * 1024 * 1024) as m:
         state.advance_to(1)
         m.save()
-    sizes = [
-        int(r.split("-")[1].split("/")[0]) - int(r.split()[1].split("-")[0]) + 1
-        for r in proxy.chunks
-    ]
-    assert sizes[:2] == [8 * 1024 * 1024, 8 * 1024 * 1024], proxy.chunks
-    fresh = TrainState(((1024, 1024, 5),))
-    direct = gcs_remote(gcs_server)
-    direct.url, direct.root = spec.url, spec.root
-    with ckptstore.CheckpointManager(
-        fresh.checkpoint,
-        direct.url,
-        max_to_keep=1,
-        staging_dir=str(tmp_path / "new"),
-        storage_options=direct.storage_options,
-    ) as m:
+    first, second = (_RANGE.fullmatch(r).groups() for r in proxy.chunks[:2])
+    assert [int(end) - int(start) + 1 for start, end, _ in (first, second)] == [8 * 1024 * 1024] * 2
+    fresh = TrainState(shapes)
+    with open_manager(fresh, spec, tmp_path / "new") as m:
         fresh.checkpoint.restore(m.latest_checkpoint)
     assert fresh.matches_step(1)
 

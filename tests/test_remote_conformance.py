@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import ckptstore
 from ckptstore.staging import parse_state_text
+from conftest import open_manager
 from training import TrainState
 
 FAST = ckptstore.RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
@@ -23,14 +24,8 @@ FAST = ckptstore.RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
 
 def manager(state, remote, staging, **kwargs):
     kwargs.setdefault("max_to_keep", 3)
-    return ckptstore.CheckpointManager(
-        state.checkpoint,
-        remote.url,
-        staging_dir=str(staging),
-        storage_options=remote.storage_options,
-        retry=FAST,
-        **kwargs,
-    )
+    kwargs.setdefault("retry", FAST)
+    return open_manager(state, remote, staging, **kwargs)
 
 
 def save_steps(state, remote, staging, steps, **kwargs):
