@@ -255,7 +255,16 @@ def worker(cfg: dict) -> dict:
             sent[0] += inc
             super().relative_update(inc)
 
-    manager = None
+    def open_ckptstore(staging_dir: str) -> ckptstore.CheckpointManager:
+        return ckptstore.CheckpointManager(
+            ckpt,
+            url,
+            max_to_keep=cfg["max_to_keep"],
+            staging_dir=staging_dir,
+            storage_options=cfg["slow"],
+            when_behind=cfg.get("when_behind", "skip"),
+        )
+
     if system.startswith("tf"):
         manager = tf.train.CheckpointManager(ckpt, local_dir, max_to_keep=cfg["max_to_keep"])
 
@@ -264,14 +273,7 @@ def worker(cfg: dict) -> dict:
 
         sampler = Sampler(probe, None)
     else:
-        manager = ckptstore.CheckpointManager(
-            ckpt,
-            url,
-            max_to_keep=cfg["max_to_keep"],
-            staging_dir=staging,
-            storage_options=cfg["slow"],
-            when_behind=cfg.get("when_behind", "skip"),
-        )
+        manager = open_ckptstore(staging)
 
         def probe():
             s = manager.upload_status()
@@ -367,13 +369,7 @@ def worker(cfg: dict) -> dict:
                 remote_fs.get_file(f"{prefix}/{name}", os.path.join(fresh, name))
             local = os.path.join(fresh, last)
         else:
-            restorer = ckptstore.CheckpointManager(
-                ckpt,
-                url,
-                max_to_keep=cfg["max_to_keep"],
-                staging_dir=fresh,
-                storage_options=cfg["slow"],
-            )
+            restorer = open_ckptstore(fresh)
             local = restorer.latest_checkpoint
         fetched = time.perf_counter() - t0
         ckpt.restore(local).assert_existing_objects_matched()

@@ -17,7 +17,7 @@ from fsspec import AbstractFileSystem
 from fsspec.callbacks import DEFAULT_CALLBACK
 
 from ckptstore.errors import ConfigurationError, MissingExtraError
-from ckptstore.manifest import FileEntry, StreamHasher
+from ckptstore.manifest import FileEntry, hash_stream
 from ckptstore.redaction import redact_url
 
 _READ_CHUNK = 8 * 1024 * 1024
@@ -120,14 +120,10 @@ class Backend:
         return self._verify_by_reading_back(path, entry)
 
     def _verify_by_reading_back(self, path: str, entry: FileEntry) -> str | None:
-        hasher = StreamHasher()
         with self.fs.open(path, "rb", block_size=_READ_CHUNK) as stream:
-            while chunk := stream.read(_READ_CHUNK):
-                hasher.update(chunk)
-        if hasher.size != entry.size:
-            return f"{entry.name}: read back {hasher.size} bytes, manifest says {entry.size}"
-        if hasher.crc32c_hex() != entry.crc32c:
-            return (
-                f"{entry.name}: read-back crc32c {hasher.crc32c_hex()} != manifest {entry.crc32c}"
-            )
+            got = hash_stream(stream, entry.name)
+        if got.size != entry.size:
+            return f"{entry.name}: read back {got.size} bytes, manifest says {entry.size}"
+        if got.crc32c != entry.crc32c:
+            return f"{entry.name}: read-back crc32c {got.crc32c} != manifest {entry.crc32c}"
         return None

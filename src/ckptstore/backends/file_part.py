@@ -15,13 +15,14 @@ from typing import Any
 class FilePart(io.RawIOBase):
     """``length`` bytes of a file from ``offset``, read from disk as they are sent.
 
-    Seekable and sized, so botocore can hash it for the signature, send it, and
-    rewind it for a retry, without the part ever being held in memory.
+    Seekable and sized, so botocore can hash it for the signature, botocore and
+    aiohttp can send it, and both can rewind it for a retry, without the part
+    ever being held in memory. Use it in a ``with`` block: that closes the file.
     """
 
     def __init__(self, path: str, offset: int, length: int):
         super().__init__()
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in __exit__
         self._offset, self._length, self._pos = offset, length, 0
         self._file.seek(offset)
 

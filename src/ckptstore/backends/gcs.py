@@ -93,15 +93,13 @@ class GCSBackend(Backend):
         from gcsfs.core import initiate_upload
 
         bucket, key, _ = self.fs.split_path(remote_path)
+        chunk, offset = self._chunk_size(), 0
         is_zonal = getattr(self.fs, "_is_zonal_bucket", None)  # gcsfs >= 2025.x, cached
         if is_zonal is not None and await is_zonal(bucket):
             # Zonal buckets take appends over gRPC, not the HTTP protocol below.
-            await self.fs._put_file(
-                local_path, remote_path, chunksize=self._chunk_size(), callback=callback
-            )
+            await self.fs._put_file(local_path, remote_path, chunksize=chunk, callback=callback)
             return
         location = await initiate_upload(self.fs, bucket, key, "application/octet-stream")
-        chunk, offset = self._chunk_size(), 0
         try:
             while True:
                 length = min(chunk, size - offset)
@@ -121,8 +119,9 @@ class GCSBackend(Backend):
                 held = persisted_bytes(reply)
                 if not offset < held < size:
                     raise ConnectionError(
-                        f"GCS kept none of bytes {offset}-{offset + length - 1} of {remote_path} "
-                        f"(HTTP {status}); the file's upload is retried"
+                        f"GCS reports holding {held} of {size} bytes of {remote_path} after "
+                        f"bytes {offset}-{offset + length - 1} were sent (HTTP {status}); "
+                        "the file's upload is retried"
                     )
                 offset = held
                 if callback is not None:
