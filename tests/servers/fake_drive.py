@@ -28,6 +28,15 @@ What pydrive2 1.21 actually uses (and therefore what is implemented):
 * ``GET    /drive/v2/files/{id}/export``        always "not exportable"
 * ``GET    /drive/v2/about``                    minimal about resource
 
+Every file has an ``etag`` that changes with every change to it (content,
+metadata, trash), as Drive v2's does. ``files.update`` and ``files.patch``
+(metadata or media, resumable too) honour ``If-Match: <etag>`` like Drive v2:
+412 ``conditionNotMet`` when the file's etag differs, checked atomically with
+the change. A resumable upload is checked when it starts and again when it
+completes (the stricter reading: Drive's documentation does not say; ckptstore
+sends its conditional updates as one multipart request). ``If-Match`` anywhere
+else, and ``If-None-Match``, are unsupported.
+
 Anything else -- an unknown endpoint, query parameter, metadata key or ``q``
 form -- is answered with an error *and* recorded in ``server.unsupported`` so
 gaps are visible instead of silently "working".
@@ -414,6 +423,7 @@ class UploadSession:
     data: bytearray = field(default_factory=bytearray)
     result_id: str | None = None
     chunks: int = 0
+    if_match: str | None = None  # checked again when the upload completes
 
 
 @dataclass
@@ -634,6 +644,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "x-upload-content-type",
                 "x-upload-content-length",
                 "x-http-method-override",
+                "if-match",
+                "if-none-match",
             )
         }
         rec = RequestRecord(self.command, parts.path, query, headers)
@@ -704,6 +716,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._check_auth(srv)
         if query.get("alt") not in (None, "json", "media"):
             raise Unsupported(f"alt={query.get('alt')}")
+        if_match = self.headers.get("If-Match")
+        if self.headers.get("If-None-Match") is not None:
+            raise Unsupported(f"If-None-Match on {method} {path}")
+        updates_a_file = (
+            method in ("PUT", "PATCH")
+            and "upload_id" not in query
+            and re.fullmatch(r"/(?:(?:resumable/)?upload/)?drive/v2/files/[^/]+", path)
+        )
+        if if_match is not None and not updates_a_file:
+            raise Unsupported(f"If-Match on {method} {path}")
 
         if path == "/drive/v2/about" and method == "GET":
             self._check_params(
@@ -740,7 +762,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._resumable_put(srv, query)
                 return
             self._check_params(query, _UPDATE_PARAMS, "files.update (upload)")
-            self._media_upload(srv, query, m.group(1))
+            self._media_upload(srv, query, m.group(1), if_match)
             return
         m = re.fullmatch(r"/drive/v2/files/([^/]+)(/trash|/untrash|/export)?", path)
         if m:
@@ -758,7 +780,7 @@ class _Handler(BaseHTTPRequestHandler):
                     query, allowed, f"files.{'update' if method == 'PUT' else 'patch'}"
                 )
                 meta = self._json_body()
-                res = srv._update(file_id, meta, query, None)
+                res = srv._update(file_id, meta, query, None, if_match=if_match)
                 self._send_json(200, _apply_fields(res, self._fields(query)))
                 return
             if action is None and method == "DELETE":
@@ -812,21 +834,25 @@ class _Handler(BaseHTTPRequestHandler):
     # -- uploads ----------------------------------------------------------
 
     def _media_upload(
-        self, srv: FakeDriveServer, query: dict[str, str], target_id: str | None
+        self,
+        srv: FakeDriveServer,
+        query: dict[str, str],
+        target_id: str | None,
+        if_match: str | None = None,
     ) -> None:
         upload_type = query.get("uploadType")
         if target_id is not None:
-            srv._get(target_id)  # 404 early
+            srv._check_if_match(srv._entry(target_id), if_match)  # 404 / 412 early
         if upload_type == "media":
             data = self._read_body()
             mime = self.headers.get("Content-Type")
-            res = srv._store_upload({}, target_id, mime, data, query)
+            res = srv._store_upload({}, target_id, mime, data, query, if_match)
             self._send_json(200, _apply_fields(res, self._fields(query)))
         elif upload_type == "multipart":
             meta, mime, data = _parse_multipart(
                 self.headers.get("Content-Type", ""), self._read_body()
             )
-            res = srv._store_upload(meta, target_id, mime, data, query)
+            res = srv._store_upload(meta, target_id, mime, data, query, if_match)
             self._send_json(200, _apply_fields(res, self._fields(query)))
         elif upload_type == "resumable":
             meta = self._json_body()
@@ -835,6 +861,7 @@ class _Handler(BaseHTTPRequestHandler):
             sess = srv._new_session(
                 meta, target_id, self.headers.get("X-Upload-Content-Type"), total, query
             )
+            sess.if_match = if_match
             loc_q = {"uploadType": "resumable", "upload_id": sess.upload_id}
             loc_path = "/upload/drive/v2/files" + (f"/{target_id}" if target_id else "")
             location = f"{PUBLIC_BASE}{loc_path}?{urlencode(loc_q)}"
@@ -1258,11 +1285,26 @@ class FakeDriveServer:
             "isRoot": pid == self.root_id,
         }
 
+    @staticmethod
+    def _etag(f: FileEntry) -> str:
+        return f'"{f.id[-8:]}{f.version}"'  # f.version counts every change to the file
+
+    def _check_if_match(self, entry: FileEntry, if_match: str | None) -> None:
+        """Drive v2's answer to ``If-Match`` naming another version of the file."""
+        if if_match is not None and if_match not in ("*", self._etag(entry)):
+            raise DriveError(
+                412,
+                "conditionNotMet",
+                "Precondition Failed",
+                location="If-Match",
+                location_type="header",
+            )
+
     def _resource(self, f: FileEntry) -> dict[str, Any]:
         res: dict[str, Any] = {
             "kind": "drive#file",
             "id": f.id,
-            "etag": f'"{f.id[-8:]}{f.version}"',
+            "etag": self._etag(f),
             "selfLink": f"{PUBLIC_BASE}/drive/v2/files/{f.id}",
             "alternateLink": f"https://drive.google.com/file/d/{f.id}/view?usp=drivesdk",
             "title": f.title,
@@ -1399,10 +1441,13 @@ class FakeDriveServer:
         query: dict[str, str],
         data: bytes | None,
         mime: str | None = None,
+        *,
+        if_match: str | None = None,
     ) -> dict[str, Any]:
         self._validate_meta(meta)
         with self._lock:
             entry = self._entry(file_id)
+            self._check_if_match(entry, if_match)
             if entry.id == self.root_id:
                 raise DriveError(
                     403, "insufficientPermissions", "The root folder cannot be modified"
@@ -1450,16 +1495,19 @@ class FakeDriveServer:
                     yield f
 
     def _trash_tree(self, entry: FileEntry, trashed: bool) -> None:
+        # A child's labels change too, so its version (and etag) moves; its modifiedDate not.
         if trashed:
             entry.trashed = entry.explicitly_trashed = True
             for child in self._descendants(entry):
                 if not child.trashed:
                     child.trashed, child.explicitly_trashed = True, False
+                    child.version += 1
         else:
             entry.trashed = entry.explicitly_trashed = False
             for child in self._descendants(entry):
                 if child.trashed and not child.explicitly_trashed:
                     child.trashed = False
+                    child.version += 1
 
     def _set_trashed(self, file_id: str, trashed: bool) -> dict[str, Any]:
         with self._lock:
@@ -1555,15 +1603,17 @@ class FakeDriveServer:
         mime: str | None,
         data: bytes,
         query: dict[str, str],
+        if_match: str | None = None,
     ) -> dict[str, Any]:
-        title = meta.get("title") or (self._files[target_id].title if target_id else None)
+        target = self._files.get(target_id) if target_id else None  # gone: _update says 404
+        title = meta.get("title") or (target.title if target else None)
         with self._lock:
             damage = self._damage_uploads.pop(title, None) if title else None
         if damage is not None and data:
             data = damage(data)  # a transfer corrupted in a way the service did not notice
         if target_id is None:
             return self._insert(meta, data, mime)
-        return self._update(target_id, meta, query, data, mime)
+        return self._update(target_id, meta, query, data, mime, if_match=if_match)
 
     def damage_next_upload(
         self, title: str, damage: Callable[[bytes], bytes] | None = None
@@ -1604,7 +1654,9 @@ class FakeDriveServer:
     def _finish_session(self, sess: UploadSession) -> dict[str, Any]:
         data = bytes(sess.data)
         sess.data = bytearray()
-        res = self._store_upload(sess.metadata, sess.target_id, sess.mime_type, data, sess.query)
+        res = self._store_upload(
+            sess.metadata, sess.target_id, sess.mime_type, data, sess.query, sess.if_match
+        )
         sess.result_id = res["id"]
         return res
 

@@ -16,6 +16,17 @@ Things worth knowing:
   it against the body.
 * Do not put ``region_name`` into s3fs ``client_kwargs``: s3fs then sends it
   as a ``LocationConstraint`` and moto answers 400 for us-east-1.
+* Conditional writes: moto 5.2.5 answers ``If-None-Match: *`` and
+  ``If-Match: <etag>`` on PutObject like S3 (412 ``PreconditionFailed``; 404
+  ``NoSuchKey`` for ``If-Match`` on a missing key), but it checks the condition
+  and then stores the object as two steps with no lock between them
+  (``moto/s3/responses.py``, ``put_object``), so two racing writers can both
+  succeed where S3 lets one win (and answers the other 412, or 409
+  ``ConditionalRequestConflict``). Seen: with ``sys.setswitchinterval(1e-6)``,
+  16 racing creators had two winners in 3 of 60 trials. So this server runs
+  the conditional writes one at a time (:class:`_AtomicPreconditions`), as S3
+  evaluates them: moto still decides every outcome. No newer moto exists to
+  try (5.2.5 is the newest pip offers here).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ _ENV_SET = {
 _ENV_UNSET = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 _lock = threading.Lock()
+_conditional_writes = threading.Lock()  # process-wide, like moto's state
 _running = 0  # S3Servers alive in this process (they share moto's state)
 _saved_env: Dict[str, str | None] = {}
 
@@ -80,6 +92,25 @@ def _restore_env() -> None:
         _saved_env.clear()
 
 
+class _AtomicPreconditions:
+    """WSGI middleware: PUT/POST requests with ``If-Match``/``If-None-Match`` run one at a time.
+
+    moto does all of a request's work when its WSGI app is called (the body
+    it returns is already built), so holding the lock for the call makes
+    check-then-store atomic, as on S3.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: Dict[str, Any], start_response: Any) -> Any:
+        conditional = "HTTP_IF_MATCH" in environ or "HTTP_IF_NONE_MATCH" in environ
+        if conditional and environ.get("REQUEST_METHOD") in ("PUT", "POST"):
+            with _conditional_writes:
+                return self.app(environ, start_response)
+        return self.app(environ, start_response)
+
+
 class S3Server:
     """moto S3 on 127.0.0.1 and a free port.  Context manager or start()/stop()."""
 
@@ -99,6 +130,8 @@ class S3Server:
         try:
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             server.start()  # returns once the socket is bound
+            # werkzeug's server looks its app up per request: from now on, all go through this.
+            server._server.app = _AtomicPreconditions(server._server.app)
             self.host, self.port = server.get_host_and_port()
         except BaseException:
             _restore_env()

@@ -10,6 +10,8 @@ visible while in progress override :meth:`Backend.write_atomic`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import threading
 from typing import Any
 
 import fsspec
@@ -21,6 +23,24 @@ from ckptstore.manifest import FileEntry, hash_stream
 from ckptstore.redaction import redact_url
 
 _READ_CHUNK = 8 * 1024 * 1024
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object was not in the state the writer expected.
+
+    Raised by :meth:`Backend.write_if`. Not an error of the service: another
+    process wrote the object first, and the caller (:mod:`ckptstore.ownership`)
+    re-reads it to learn who.
+    """
+
+
+def content_version(data: bytes) -> str:
+    """A version token for backends that keep none: the content's SHA-256.
+
+    Lease records carry a writer id and a sequence number, so two different
+    writes never share content (and so never share this token).
+    """
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class Backend:
@@ -76,6 +96,61 @@ class Backend:
 
     def make_dirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
+
+    # --- conditional writes (the writer's lease, ckptstore.ownership) --------------
+    #
+    # Two calls are all the lease needs: read an object with a version token, and
+    # write it only if it is still at that version (or, with ``expected=None``, only
+    # if it does not exist). A backend overrides both with the service's own
+    # preconditions; the default here is a check-then-write, atomic only within one
+    # process (``memory://``), and :attr:`conditional_writes` says so.
+
+    #: What :meth:`write_if` guarantees against another *machine*: ``"atomic"``
+    #: (the service enforces the precondition), ``"settled"`` (a race is detected
+    #: right after it and exactly one side keeps the lease), or ``"best-effort"``
+    #: (check, then write: two writers racing within a few milliseconds can both win).
+    conditional_writes = "best-effort"
+    _cas_lock = threading.Lock()  # makes the default atomic within one process
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes and a version token, or ``None`` when it does not exist.
+
+        The token is opaque to callers; :meth:`write_if` compares it.
+        """
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return data, content_version(data)
+
+    def write_if(self, path: str, data: bytes, expected: str | None) -> str:
+        """Write a small object only if it is still at version ``expected``.
+
+        ``expected=None`` means "only if it does not exist". Returns the new
+        version token. Raises :class:`PreconditionFailed` when the object is not
+        in the expected state (another process wrote it first), unless it already
+        holds exactly ``data``: an earlier attempt of this write landed (see
+        :meth:`_refused`), and its version is returned.
+        """
+        with self._cas_lock:
+            current = self.read_versioned(path)
+            if (current[1] if current is not None else None) != expected:
+                return self._refused(path, data)
+            self.write_atomic(path, data)
+        return content_version(data)
+
+    def _refused(self, path: str, data: bytes) -> str:
+        """The service refused a conditional write: lost, unless the write was ours after all.
+
+        Clients retry a request whose answer never came (a timeout, a reset
+        connection). When the first attempt landed, the retry finds the object
+        changed, by us, and is refused. The object then holds exactly ``data``
+        (lease records never repeat), and that is a win: return its version.
+        """
+        current = self.read_versioned(path)
+        if current is not None and current[0] == data:
+            return current[1]
+        raise PreconditionFailed(path)
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write a small object so that readers see all of it or none of it."""

@@ -33,6 +33,18 @@ What Drive does differently from an object store, and what this module does:
   default, and trashed files keep counting against the Drive quota for 30 days;
   that is left as pydrive2 has it (``storage_options={"trash_only": False}``
   deletes for good), and the README says so.
+* **Conditional writes** (the writer's lease). Drive v2 honours ``If-Match:
+  <etag>`` on ``files.update`` and answers 412 when the file changed since (its
+  etag changes with every change to content or metadata, trashing included).
+  So a replace is atomic, on the file id the version token names. Drive has no
+  "create only if absent": a creator inserts its file, waits
+  :attr:`DriveBackend.settle_seconds`, lists the title, and the file created
+  first (``createdDate``, then the smaller id) wins; every other creator deletes
+  its own file and loses. Readers take that same file. What remains: Drive does
+  not promise that a listing shows a file created moments ago; if one shows up
+  later than ``settle_seconds``, or two creations are stamped out of order, two
+  creators can both win, and a reader during the race may read a loser's file
+  (its next write then fails, as the loser's delete changes the etag).
 * **Memory.** pydrive2's ``open("wb")``/``pipe_file`` buffer a whole file; data
   files are sent with ``upload_fobj`` on the open staged file, which streams it.
   Downloads ask for :data:`DOWNLOAD_CHUNK` bytes per request instead of
@@ -50,7 +62,8 @@ from __future__ import annotations
 import http.client
 import io
 import posixpath
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ckptstore.backends.base import Backend
@@ -83,9 +96,22 @@ def split_drive_url(url: str) -> tuple[str, str]:
     return path.split("/", 1)[0], path
 
 
+def _first_created(items: Iterable[Any]) -> Any:
+    """Among files of one title, the one a create race leaves standing (and readers read)."""
+    return min(items, key=lambda item: (item.get("createdDate", ""), item["id"]))
+
+
+def _token(item: Any) -> str:
+    """A version token names the file and its etag: If-Match then applies to that file."""
+    return f"{item['id']} {item['etag']}"
+
+
 class DriveBackend(Backend):
     needs_md5 = True
     transient_errors = (ConnectionError, TimeoutError, http.client.HTTPException)
+    conditional_writes = "settled"
+    #: How long a creator waits before listing rivals (longer than a listing lags behind).
+    settle_seconds = 2.0
 
     @classmethod
     def connect(
@@ -137,11 +163,15 @@ class DriveBackend(Backend):
 
     # --- titles, not keys ------------------------------------------------------------
 
-    def _items(self, path: str) -> list[dict[str, Any]]:
-        """Every non-trashed file titled like ``path`` in its folder (oldest id first)."""
+    def _items(self, path: str, *, fresh: bool = False) -> list[dict[str, Any]]:
+        """Every non-trashed file titled like ``path`` in its folder (oldest id first).
+
+        ``fresh``: look the folder up again rather than in pydrive2's cache, so
+        that copies of it that other processes created at the same moment count.
+        """
         _, base = self.fs.split_path(path)
         parent, title = posixpath.split(base)
-        parent_ids = self.fs._path_to_item_ids(parent)
+        parent_ids = self.fs._path_to_item_ids(parent, use_cache=not fresh)
         if not parent_ids:
             return []
         in_parents = " or ".join(f"'{pid}' in parents" for pid in parent_ids)
@@ -203,6 +233,79 @@ class DriveBackend(Backend):
             return
         item = self.fs.upload_fobj(io.BytesIO(data), path)
         self._keep_only(path, item["id"])
+
+    # --- conditional writes (the lease) -------------------------------------------------
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        items = self._items(path, fresh=True)
+        while items:
+            item = _first_created(items)  # its etag is listed before its bytes are read:
+            try:  # a token older than the bytes only makes the next write_if fail
+                return self._content(item), _token(item)
+            except FileNotFoundError:  # deleted since the listing (a race's loser): again
+                items = [i for i in self._items(path, fresh=True) if i["id"] != item["id"]]
+        return None
+
+    def write_if(self, path: str, data: bytes, expected: str | None) -> str:
+        from pydrive2.files import ApiRequestError
+
+        if expected is None:
+            return self._create_settled(path, data)
+        file_id, _, etag = expected.partition(" ")
+        try:
+            item = _gdrive_retry(self._update_if_match)(file_id, etag, data)
+        except ApiRequestError as exc:
+            if exc.error.get("code") not in (404, 412):  # gone, or changed since `expected`
+                raise
+            return self._refused(path, data)
+        return _token(item)
+
+    def _create_settled(self, path: str, data: bytes) -> str:
+        if self._items(path, fresh=True):
+            return self._refused(path, data)
+        # Two processes may each create the folder too; fresh listings see both copies.
+        mine = self.fs.upload_fobj(io.BytesIO(data), path)
+        time.sleep(self.settle_seconds)
+        rivals = {item["id"]: item for item in self._items(path, fresh=True)}
+        rivals.setdefault(mine["id"], mine)  # listed or not yet, it is there
+        if _first_created(rivals.values())["id"] == mine["id"]:
+            return _token(mine)
+        self._delete(mine["id"])
+        return self._refused(path, data)  # a retried insert of ours may be the winner
+
+    def _update_if_match(self, file_id: str, etag: str, data: bytes) -> dict[str, Any]:
+        """files.update of the content, only if the file's etag is still ``etag``.
+
+        Built here because pydrive2's ``Upload`` cannot send a header. One
+        multipart request, so the precondition and the content arrive together.
+        """
+        from googleapiclient.errors import HttpError
+        from googleapiclient.http import MediaIoBaseUpload
+        from pydrive2.files import ApiRequestError
+
+        auth = self.fs.client.auth
+        if auth.service is None:
+            auth.Authorize()
+        media = MediaIoBaseUpload(io.BytesIO(data), "application/octet-stream", resumable=False)
+        request = auth.service.files().update(
+            fileId=file_id, body={}, media_body=media, supportsAllDrives=True
+        )
+        request.headers["If-Match"] = etag
+        try:
+            return request.execute(http=auth.Get_Http_Object())
+        except HttpError as exc:  # as pydrive2 raises it, for its retry and for is_transient
+            raise ApiRequestError(exc) from exc
+
+    def _content(self, item: Any) -> bytes:
+        from pydrive2.files import ApiRequestError
+
+        try:
+            _gdrive_retry(item.FetchContent)()
+        except ApiRequestError as exc:
+            if exc.error.get("code") == 404:
+                raise FileNotFoundError(item["id"]) from None
+            raise
+        return item.content.getvalue()
 
     # --- reading -----------------------------------------------------------------------
 

@@ -12,6 +12,16 @@ On a cloud-synced FUSE mount (Colab's Drive, gcsfuse, ...; see
 were just written, so a plain read-back would only prove what the kernel
 remembers. There the file's cached pages are dropped before the read-back, so
 the bytes come from the mount's daemon.
+
+Conditional writes (the writer's lease) hold ``flock`` on a sidecar
+``<path>.lock`` around read, compare and replace, so they are atomic among the
+processes of one machine. The lock file is created once and never deleted:
+deleting it would let a process that opened the old file and one that creates a
+new one hold "the" lock at the same time. What remains on shared mounts: on NFS,
+``flock`` reaches other clients only through the NFS lock protocol (not with
+``nolock`` or ``local_lock=flock``); on a cloud-synced FUSE mount the lock and
+the rename are local to each machine and each daemon uploads its own copy later,
+so two machines writing one lease there are not excluded at all.
 """
 
 from __future__ import annotations
@@ -19,11 +29,17 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from ckptstore import mounts
-from ckptstore.backends.base import Backend
+from ckptstore.backends.base import Backend, content_version
 from ckptstore.manifest import FileEntry
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: write_if falls back to the default (one process only)
+    fcntl = None  # type: ignore[assignment]
 
 TEMP_MARKER = ".ckptstore-tmp-"
 
@@ -54,19 +70,48 @@ def _drop_cached_pages(path: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _flocked(lock_path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing, never deleted).
+
+    A ``flock`` belongs to the open file description, so two threads of one
+    process exclude each other too, each with its own ``open``.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class LocalBackend(Backend):
     #: directory -> whether it is on a cloud-synced mount. Filled on first use,
     #: once per directory, because the mount table is the same for every file.
     _cloud_verdicts: dict[str, bool] | None = None
+    conditional_writes = "atomic" if fcntl is not None else "best-effort"
+
+    def write_if(self, path: str, data: bytes, expected: str | None) -> str:
+        if fcntl is None:
+            return super().write_if(path, data, expected)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # a key needs no directory
+        with _flocked(f"{path}.lock"):
+            current = self.read_versioned(path)
+            if (current[1] if current is not None else None) != expected:
+                return self._refused(path, data)
+            self.write_atomic(path, data)
+        return content_version(data)
 
     def write_atomic(self, path: str, data: bytes) -> None:
+        # Through the filesystem object (not raw open/os.replace), so whatever the
+        # fsspec class does, a fault-injecting one in tests included, sees the commit.
         tmp = f"{path}{TEMP_MARKER}{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as f:
+            with self.fs.open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            self.fs.mv(tmp, path)  # LocalFileSystem.mv is os.replace: atomic on POSIX
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

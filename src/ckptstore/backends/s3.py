@@ -19,6 +19,13 @@ What fsspec does not say about S3:
   in flight is a read buffer, whatever ``upload_part_size`` is.
 * **Errors.** s3fs turns a 503 into ``OSError(EBUSY)`` and a 500 into
   ``OSError(EIO)``; those, timeouts and connection errors are retried.
+* **Conditional writes** (the writer's lease) are S3's own: ``PutObject`` with
+  ``If-None-Match: *`` creates, with ``If-Match: <ETag>`` replaces, and S3
+  answers 412 when the object is not in that state (404 for ``If-Match`` on a
+  missing key, 409 ``ConditionalRequestConflict`` for two conditional writes at
+  once). The ETag of a ``PutObject`` is the body's MD5 (unless KMS-encrypted:
+  then it is opaque), so a token can repeat only when the content does, which
+  lease records never do.
 
 URLs: ``s3://bucket/prefix``. Credentials: ``storage_options={"key": ..., "secret": ...,
 "token": ...}`` or ``{"profile": "name"}``, else boto's chain (``AWS_ACCESS_KEY_ID``/
@@ -38,6 +45,7 @@ import threading
 from typing import Any
 
 import crc32c
+from fsspec.asyn import sync
 
 from ckptstore.backends.base import Backend
 from ckptstore.backends.file_part import FilePart
@@ -49,14 +57,28 @@ log = logging.getLogger("ckptstore")
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
 _HASH_CHUNK = 1024 * 1024
 _RETRYABLE_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET}
+#: S3's answers to a conditional PutObject whose condition does not hold (409: another
+#: conditional write to the key was in progress; it may win).
+_LOST_RACE_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
 
 
 def crc_b64(value: int) -> str:
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
+def _s3_error_code(exc: BaseException) -> str | None:
+    """S3's error code behind an exception s3fs translated (it keeps the ClientError as cause)."""
+    import botocore.exceptions as bexc
+
+    cause = exc if isinstance(exc, bexc.ClientError) else exc.__cause__
+    if isinstance(cause, bexc.ClientError):
+        return cause.response.get("Error", {}).get("Code")
+    return None
+
+
 class S3Backend(Backend):
     transient_errors = (ConnectionError, TimeoutError, asyncio.TimeoutError)
+    conditional_writes = "atomic"
 
     def __init__(self, fs: Any):
         super().__init__(fs)
@@ -83,6 +105,32 @@ class S3Backend(Backend):
                 f"Bucket {bucket!r} does not exist or is not visible with these credentials; "
                 "create it first (aws s3 mb s3://" + bucket + ")"
             )
+
+    def read_versioned(self, path: str) -> tuple[bytes, str] | None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:  # one GET: the bytes and the ETag describe the same object
+            return sync(self.fs.loop, self._get_versioned, bucket, key)
+        except FileNotFoundError:
+            return None
+
+    async def _get_versioned(self, bucket: str, key: str) -> tuple[bytes, str]:
+        reply = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with reply["Body"] as body:
+            return await body.read(), reply["ETag"]
+
+    def write_if(self, path: str, data: bytes, expected: str | None) -> str:
+        bucket, key, _ = self.fs.split_path(path)
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        try:
+            reply = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except OSError as exc:  # s3fs's translation of 412, 409 and 404
+            code = _s3_error_code(exc)
+            if code in _LOST_RACE_CODES or (code == "NoSuchKey" and expected is not None):
+                return self._refused(path, data)
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return reply["ETag"]
 
     def upload(
         self, local_path: str, remote_path: str, entry: FileEntry, callback: Any = None
