@@ -36,6 +36,10 @@ class Faults:
     kill_when: Callable[[str, str], bool] | None = None
     #: put_file copies only half of the file before the kill (mid-upload)
     kill_mid_put: Callable[[str], bool] | None = None
+    #: a file opened "wb" at such a path gets half of its first write, then the kill
+    kill_mid_write: Callable[[str], bool] | None = None
+    #: the operation (op, path) raises PermissionError instead of running (op as for kill_when)
+    fail_when: Callable[[str, str], bool] | None = None
     puts: list[str] = dataclasses.field(default_factory=list)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -55,7 +59,12 @@ def _die() -> None:
 class FaultyLocalFileSystem(LocalFileSystem):
     """``LocalFileSystem`` with :data:`FAULTS` applied to writes and deletes."""
 
+    def _refuse(self, op: str, path: str) -> None:
+        if FAULTS.fail_when is not None and FAULTS.fail_when(op, path):
+            raise PermissionError(13, f"injected: the remote refuses {op}", path)
+
     def _check(self, op: str, path: str) -> None:
+        self._refuse(op, path)
         if FAULTS.kill_when is not None and FAULTS.kill_when(op, path):
             _die()
 
@@ -82,16 +91,49 @@ class FaultyLocalFileSystem(LocalFileSystem):
         return super().put_file(lpath, rpath, callback=callback, **kwargs)
 
     def open(self, path, mode="rb", **kwargs):
-        self._check("open-" + mode, self._strip_protocol(path))
-        return super().open(path, mode, **kwargs)
+        path = self._strip_protocol(path)
+        self._check("open-" + mode, path)
+        f = super().open(path, mode, **kwargs)
+        if mode == "wb" and FAULTS.kill_mid_write is not None and FAULTS.kill_mid_write(path):
+            return _DiesMidWrite(f)
+        return f
+
+    def mv(self, path1, path2, *args, **kwargs):
+        # "mv" names the destination: the rename that would publish a file there.
+        self._check("mv", self._strip_protocol(path2))
+        return super().mv(path1, path2, *args, **kwargs)
 
     def rm_file(self, path):
         path = self._strip_protocol(path)
         if FAULTS.refuse_writes:
             raise PermissionError(13, "injected: the remote refuses deletes", path)
+        self._refuse("rm", path)
         result = super().rm_file(path)
         self._check("rm", path)
         return result
+
+
+class _DiesMidWrite:
+    """A file being written that reaches the disk half-way, then the process dies."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data) -> int:
+        self._f.write(bytes(data)[: len(data) // 2])
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        _die()
+        return len(data)  # never reached
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
 
 
 @contextlib.contextmanager

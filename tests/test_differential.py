@@ -13,7 +13,9 @@ everything a user can observe:
   what ``tf.train.latest_checkpoint`` makes of it,
 * every tensor stored in every checkpoint on disk, the live variables and the
   ``save_counter``,
-* what the user's callbacks (``init_fn``, write callbacks) saw.
+* what the user's callbacks (``init_fn``, write callbacks) saw,
+* every log record TensorFlow's logger (``tf.get_logger()``) and ckptstore's
+  received during the operation, at every level: logger, level and words.
 
 The state file holds wall-clock timestamps, so ``time.time`` is replaced by a
 fake clock that only moves when a test moves it; TensorFlow and ckptstore both
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import pathlib
 import re
@@ -148,6 +151,41 @@ def _outcome(op: Callable[[World], Any], world: World) -> tuple:
     return ("returned", world.normalize(result))
 
 
+LOGGERS = ("tensorflow", "ckptstore")  # TensorFlow's logger (tf.get_logger()) and ckptstore's
+
+
+class LogRecords(logging.Handler):
+    """Every record of TensorFlow's and ckptstore's loggers while it is attached to the root."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in LOGGERS:
+            self.records.append(record)
+
+
+def _logged(op: Callable[[World], Any], world: World) -> tuple[tuple, tuple]:
+    """``op``'s outcome and what it logged: (logger, level, message), paths made relative."""
+    handler = LogRecords()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        outcome = _outcome(op, world)
+    finally:
+        root.removeHandler(handler)
+    logs = tuple((r.name, r.levelname, world.scrub(r.getMessage())) for r in handler.records)
+    return outcome, logs
+
+
+@pytest.fixture(autouse=True)
+def log_everything(caplog):
+    """Both loggers at DEBUG, so an INFO line one class emits and the other does not shows."""
+    for name in LOGGERS:
+        caplog.set_level(logging.DEBUG, logger=name)
+
+
 def _files(directory: str) -> list[str] | None:
     if not os.path.isdir(directory):
         return None
@@ -206,6 +244,7 @@ class Twin:
         self.tick = tick
         self.k = 0  # training steps so far; the model holds values_for(k)
         self.history: list[str] = []
+        self.logs: tuple = ()  # what the last step logged (the same in both worlds)
 
     def step(
         self,
@@ -221,8 +260,10 @@ class Twin:
         """
         self.clock.advance(self.tick if advance is None else advance)
         self.history.append(what)
-        tf_outcome, cs_outcome = (_outcome(op, w) for w in self.worlds)
+        (tf_outcome, tf_logs), (cs_outcome, cs_logs) = (_logged(op, w) for w in self.worlds)
         assert cs_outcome == tf_outcome, f"{what!r} differs; steps: {self.history}"
+        assert cs_logs == tf_logs, f"{what!r} logged differently; steps: {self.history}"
+        self.logs = cs_logs
         if check_state:
             self.assert_same_state()
         return cs_outcome
@@ -435,6 +476,14 @@ def test_clock_behind_the_last_preserved_timestamp(twin):
         lambda w: setattr(w, "manager", w.cls(w.checkpoint, w.directory, 1, 1.0)),
         advance=-24 * HOUR,
     )
+    # TensorFlow's warning, through TensorFlow's logger (compared with TensorFlow's by step()).
+    [(logger, level, message)] = twin.logs
+    assert (logger, level) == ("tensorflow", "WARNING")
+    assert re.fullmatch(
+        r"time\.time\(\) returned a value \d+\.\d{6} seconds behind the last preserved "
+        r"checkpoint timestamp\.",
+        message,
+    )
     twin.train_and_save(3)
 
 
@@ -553,6 +602,9 @@ def test_restore_or_initialize_without_checkpoints_calls_init_fn(twin):
     twin.open(3, init_fn=INIT_FN)
     assert returned(twin.restore_or_initialize()) is None
     assert twin.cs.events == [("init_fn", [0.0, 0.0, 0.0, 0.0])]
+    assert twin.logs == (
+        ("tensorflow", "INFO", "Customized initialization is done through the passed `init_fn`."),
+    )
     assert returned(twin.restore_or_initialize()) is None  # called again, as TensorFlow does
     assert len(twin.cs.events) == 2
 
@@ -783,3 +835,101 @@ def test_restore_or_initialize_when_the_latest_files_were_deleted(twin):
     assert outcome[0] == "raised"
     assert outcome[1] is tf.errors.NotFoundError
     assert "<dir>/ckpt-2" in outcome[2]
+
+
+def test_continue_from_unmanaged(twin):
+    # TensorFlow's testContinueFromUnmanaged: the user's own Checkpoint.save() output is in the
+    # directory; the manager restores from it and never deletes it.
+    twin.step(
+        "Checkpoint.save() twice, by hand",
+        lambda w: [w.checkpoint.save(os.path.join(w.dir, "unusual_prefix")) for _ in range(2)],
+    )
+    twin.open(2, fresh=True)
+    assert twin.cs.rel(twin.cs.manager.latest_checkpoint) == "<dir>/unusual_prefix-2"
+    assert twin.cs.manager.checkpoints == []
+    twin.restore_latest()
+    assert int(twin.cs.checkpoint.save_counter.numpy()) == 2
+    twin.train_and_save(3)
+    assert [twin.cs.rel(p) for p in twin.cs.manager.checkpoints] == ["<dir>/ckpt-4", "<dir>/ckpt-5"]
+    for name in ("unusual_prefix-1", "unusual_prefix-2"):
+        assert os.path.exists(os.path.join(twin.cs.dir, name + ".index"))
+
+
+def test_unreadable_state_file_is_ignored_with_tensorflows_warnings(twin):
+    twin.open(2)
+    twin.train_and_save(2)
+    twin.step(
+        "garble the state file",
+        lambda w: pathlib.Path(w.dir, "checkpoint").write_text("not { a proto"),
+    )
+    twin.open(2, fresh=True)
+    assert [(logger, level) for logger, level, _ in twin.logs] == [("tensorflow", "WARNING")] * 2
+    assert twin.logs[1][2] == "<dir>/checkpoint: Checkpoint ignored"
+    twin.train_and_save(2)
+
+
+# --- graph mode (tf.compat.v1 sessions) -------------------------------------------------------
+
+
+def graph_mode_run(cls: type, directory: str, clock: FakeClock) -> list:
+    """A tf.compat.v1 graph-and-session training run, as TensorFlow's own graph-mode tests do."""
+    seen: list = []
+
+    def rel(path: Any) -> Any:
+        return os.path.relpath(path, directory) if isinstance(path, str) else path
+
+    def note(what: str, op: Callable[[], Any]) -> None:
+        handler = LogRecords()
+        logging.getLogger().addHandler(handler)
+        try:
+            result = op()
+        except Exception as exc:
+            result = ("raised", type(exc), str(exc).replace(directory, "<dir>"))
+        finally:
+            logging.getLogger().removeHandler(handler)
+        logs = [
+            (r.name, r.levelname, r.getMessage().replace(directory, "<dir>"))
+            for r in handler.records
+        ]
+        seen.append((what, result, logs))
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        v = tf.Variable(np.zeros(4, np.float32), name="v")
+        step = tf.Variable(0, dtype=tf.int64, name="step")
+        checkpoint = tf.train.Checkpoint(v=v, step=step)
+        session.run(tf.compat.v1.global_variables_initializer())
+        manager = cls(checkpoint, directory, 2, step_counter=step, checkpoint_interval=2)
+        for k in range(1, 7):
+            clock.advance(60.0)
+            session.run([v.assign(values_for(k)), step.assign_add(1)])
+            note(f"save at step {k}", lambda: rel(manager.save()))
+            note("checkpoints", lambda: [rel(p) for p in manager.checkpoints])
+            note("latest_checkpoint", lambda: rel(manager.latest_checkpoint))
+        note("save, check_interval=False", lambda: rel(manager.save(check_interval=False)))
+        note("save_counter", lambda: int(session.run(checkpoint.save_counter)))
+        clock.advance(60.0)
+        # A new manager in the same session (the variables stay): restore, then number by tensor.
+        manager = cls(checkpoint, directory, 2, step_counter=step, checkpoint_interval=2)
+        session.run(v.assign(np.full(4, -99.0, np.float32)))
+        note("restore_or_initialize", lambda: rel(manager.restore_or_initialize()))
+        note("v after restore", lambda: session.run(v).tolist())
+        clock.advance(60.0)
+        note("save at a tensor's number", lambda: rel(manager.save(checkpoint_number=step + 10)))
+        note("checkpoints", lambda: [rel(p) for p in manager.checkpoints])
+    seen.append(("files", _files(directory), []))
+    state_file = pathlib.Path(directory, "checkpoint")
+    seen.append(("state file", state_file.read_bytes() if state_file.exists() else None, []))
+    return seen
+
+
+def test_tf_compat_v1_graph_and_session_like_tensorflow(tmp_path, clock):
+    start = clock.now
+    expected = graph_mode_run(TF, str(tmp_path / "tf"), clock)
+    clock.now = start
+    actual = graph_mode_run(CS, str(tmp_path / "cs"), clock)
+    for want, got in zip(expected, actual):
+        assert got == want
+    assert len(actual) == len(expected)
+    saved = [result for what, result, _ in actual if what.startswith("save at step")]
+    assert saved == ["ckpt-1", None, "ckpt-2", None, "ckpt-3", None]  # the interval, in a session

@@ -115,3 +115,34 @@ def test_script_that_exits_without_close_still_commits_its_last_save(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert remote.manifests() == ["ckpt-1"]
+
+
+@pytest.mark.parametrize(
+    "typo, meant",
+    [
+        ("s3:/bucket/x", "s3://bucket/x"),
+        ("gs//b/x", "gs://b/x"),
+        ("gcs:/b/x", "gcs://b/x"),
+        ("gdrive:root/x", "gdrive://root/x"),
+        ("memory:/x", "memory://x"),
+        ("file:/tmp/x", "file:///tmp/x"),
+        ("S3://bucket/x", "s3://bucket/x"),
+        ("GS://bucket/x", "gs://bucket/x"),
+    ],
+)
+def test_a_mistyped_url_is_refused_with_the_url_meant(typo, meant, state, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ckptstore.ConfigurationError) as info:
+        ckptstore.CheckpointManager(state.checkpoint, typo, 3)
+    assert repr(meant) in str(info.value)
+    assert repr(typo) in str(info.value)
+    assert os.listdir(tmp_path) == [], "a local directory was created for a typo"
+
+
+@pytest.mark.parametrize("path", ["gs/run-1", "./s3:/x", "runs/1"])
+def test_local_paths_that_only_resemble_a_protocol_stay_local(path, state, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = ckptstore.CheckpointManager(state.checkpoint, path, 3)
+    state.advance_to(1)
+    assert m.save().startswith(path.rstrip("/"))
+    assert os.path.exists(os.path.join(tmp_path, path, "checkpoint"))

@@ -278,8 +278,14 @@ def good_size(item) -> int:
 def test_uploads_are_verified_by_drives_md5_without_reading_back(
     drive_server, remote, state, tmp_path
 ):
-    drive_server.clear_log()
-    save_steps(state, remote, tmp_path / "a", [1, 2])
+    with manager(state, remote, tmp_path / "a") as m:
+        state.advance_to(1)
+        m.save()  # takes the writer lease (reading it once) and commits ckpt-1
+        m.sync()
+        drive_server.clear_log()
+        state.advance_to(2)
+        m.save()
+        m.sync()
     downloads = [r for r in drive_server.requests("GET") if r.query.get("alt") == "media"]
     assert downloads == []
     doc = json.loads(remote.read("ckpt-2.manifest.json"))
@@ -315,22 +321,25 @@ def test_a_stored_file_whose_md5_differs_is_never_committed(drive_server, remote
 def test_rate_limits_and_server_errors_are_retried_with_backoff(
     drive_server, remote, state, tmp_path, kind
 ):
-    fault = drive_server.fail_next(3, kind, path=r"^/upload/")
-    try:
-        with manager(state, remote, tmp_path / "a") as m:
-            state.advance_to(1)
+    with manager(state, remote, tmp_path / "a") as m:
+        state.advance_to(1)
+        m.save()  # the writer's lease is taken here, before the faults start
+        m.sync()
+        fault = drive_server.fail_next(3, kind, path=r"^/upload/")
+        try:
+            state.advance_to(2)
             m.save()
             m.sync()
             status = m.upload_status()
-    finally:
-        drive_server.clear_faults()
+        finally:
+            drive_server.clear_faults()
     assert fault.served == 3
-    assert status.committed == ("ckpt-1",)
+    assert status.committed == ("ckpt-1", "ckpt-2")
     if kind == "429":
         # pydrive2 gives up on 429 at once: ckptstore's own backoff carried it.
         assert status.retries >= 1
     fresh, _ = fresh_restore(remote, tmp_path / "b")
-    assert fresh.matches_step(1)
+    assert fresh.matches_step(2)
 
 
 def test_restore_rides_out_429s(drive_server, remote, state, tmp_path):

@@ -161,16 +161,65 @@ def test_malformed_manifest_json_is_rejected_with_a_clear_warning(remote, state,
     assert any("not valid JSON" in r.getMessage() for r in caplog.records)
 
 
-def test_orphaned_data_without_manifest_is_collected(remote, state, tmp_path):
+def dead_writers_lease(in_flight: tuple[str, ...]) -> bytes:
+    """The lease a writer on this machine left when it was killed mid-upload."""
+    import subprocess
+    import sys
+
+    from ckptstore.ownership import Holder, machine_id
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    now = time.time()
+    return Holder(
+        writer="killed-writer",
+        host="this-machine",
+        pid=int(gone.stdout),
+        since=now - 60,
+        last_seen=now,
+        lease_seconds=60,
+        machine=machine_id(),
+        process_start="1",
+        in_flight=in_flight,
+    ).to_json()
+
+
+def test_a_dead_writers_leftovers_are_collected_by_the_next_writer(remote, state, tmp_path):
     save_steps(state, remote, tmp_path / "a", [1])
     remote.write("ckpt-9.index", b"left by a crash")
     remote.write("ckpt-9.data-00000-of-00001", b"left by a crash")
+    remote.write("ckptstore.lease.json", dead_writers_lease(("ckpt-9",)))
     m = manager(state, remote, tmp_path / "a")
+    m.sync()
+    # Opening a manager deletes nothing: the files could be a live writer's upload.
+    assert "ckpt-9.index" in remote.names()
+    state.advance_to(2)
+    m.save()  # now it is the run's writer, and the one who left them is gone
     m.sync()
     m.close()
     assert "ckpt-9.index" not in remote.names()
     assert "ckpt-9.data-00000-of-00001" not in remote.names()
     assert "ckpt-1.index" in remote.names()
+
+
+def test_files_that_only_look_like_checkpoints_are_never_deleted(remote, state, tmp_path):
+    save_steps(state, remote, tmp_path / "a", [1])
+    theirs = {
+        "embeddings.index": b"a user's faiss index",
+        "bert.index": b"copied in",
+        "bert.data-00000-of-00001": b"copied in",
+        "ckpt-9.index": b"no lease lists it: not provably ckptstore's",
+    }
+    for name, data in theirs.items():
+        remote.write(name, data)
+    save_steps(state, remote, tmp_path / "a", [2, 3, 4], max_to_keep=1)
+    for name, data in theirs.items():
+        assert remote.read(name) == data, name
+    assert remote.manifests() == ["ckpt-4"]
 
 
 def test_resaving_a_committed_number_replaces_it_consistently(remote, state, tmp_path):
@@ -259,8 +308,34 @@ def test_directory_written_by_tensorflow_is_adopted_not_collected(remote, state,
     remote.fs.makedirs(remote.root, exist_ok=True)
     for name in os.listdir(tf_dir):
         remote.fs.put_file(str(tf_dir / name), remote.path(name))
+    before = remote.names()
     fresh, prefix = fresh_restore(remote, tmp_path / "b")
     assert os.path.basename(prefix) == "ckpt-3"
     assert fresh.matches_step(3)
-    assert sorted(remote.manifests()) == ["ckpt-2", "ckpt-3"]
+    assert remote.names() == before, "restoring wrote to the remote"
+    # The run's writer commits manifests for them, and never takes them for orphans.
+    m = manager(state, remote, tmp_path / "c", max_to_keep=3)
+    state.advance_to(4)
+    m.save()
+    m.close()
+    assert sorted(remote.manifests()) == ["ckpt-2", "ckpt-3", "ckpt-4"]
     assert "ckpt-2.index" in remote.names(), "TensorFlow's checkpoint was taken for an orphan"
+
+
+def test_adoption_takes_only_the_managers_own_checkpoint_name(remote, state, tmp_path):
+    tf_dir = tmp_path / "written-by-tf"
+    ours = tf.train.CheckpointManager(state.checkpoint, str(tf_dir), max_to_keep=5)
+    theirs = tf.train.CheckpointManager(
+        state.checkpoint, str(tf_dir / "bert"), max_to_keep=5, checkpoint_name="bert"
+    )
+    state.advance_to(1)
+    ours.save()
+    theirs.save()
+    remote.fs.makedirs(remote.root, exist_ok=True)
+    for path in [*tf_dir.glob("ckpt-*"), *(tf_dir / "bert").glob("bert-*")]:
+        remote.fs.put_file(str(path), remote.path(path.name))
+    save_steps(state, remote, tmp_path / "a", [2, 3], max_to_keep=1)
+    # TensorFlow's two saves counted too: ckptstore saved ckpt-3 and ckpt-4, keeping one.
+    assert remote.manifests() == ["ckpt-4"]
+    assert "ckpt-1.index" not in remote.names()  # adopted, then retired like its own
+    assert "bert-2.index" in remote.names() and "bert-2.manifest.json" not in remote.names()

@@ -13,11 +13,14 @@ from ckptstore.errors import (
     ConfigurationError,
     ManifestError,
     MissingExtraError,
+    OwnershipError,
+    OwnershipLost,
     RemoteUnavailableError,
     RestoreError,
     UploadError,
     VerificationError,
 )
+from ckptstore.iterator import checkpoints_iterator
 from ckptstore.manager import CheckpointManager
 from ckptstore.retry import RetryPolicy
 from ckptstore.uploader import UploadStatus, WhenBehind
@@ -28,6 +31,8 @@ __all__ = [
     "ConfigurationError",
     "ManifestError",
     "MissingExtraError",
+    "OwnershipError",
+    "OwnershipLost",
     "RemoteUnavailableError",
     "RestoreError",
     "RetryPolicy",
@@ -36,4 +41,5 @@ __all__ = [
     "VerificationError",
     "WhenBehind",
     "__version__",
+    "checkpoints_iterator",
 ]

@@ -50,3 +50,24 @@ class RestoreError(CkptStoreError):
 
 class RemoteUnavailableError(CkptStoreError, ConnectionError):
     """The remote could not be reached even after retrying."""
+
+
+class OwnershipError(CkptStoreError):
+    """The run is written by another live process, so this one may not write it.
+
+    Raised by ``save()`` on a manager that found a live writer (it reads only),
+    and by ``sync()``/``close()`` of a writer that lost the run to another
+    process. ``holder`` describes the other writer (host, pid, since, last seen)
+    when it is known.
+    """
+
+    def __init__(self, message: str, holder: object = None):
+        super().__init__(message)
+        self.holder = holder
+
+
+class OwnershipLost(OwnershipError):
+    """This process was the run's writer and another process took the run over.
+
+    From that moment it commits and deletes nothing more on the remote.
+    """

@@ -26,7 +26,10 @@ from __future__ import annotations
 import atexit
 import copy
 import logging
+import numbers
 import os
+import shutil
+import sys
 import threading
 import time
 import weakref
@@ -35,20 +38,30 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore import backends, mounts, restore, staging
-from ckptstore.errors import ConfigurationError
+from ckptstore import __version__, backends, mounts, restore, staging
+from ckptstore.errors import (
+    CkptStoreError,
+    ConfigurationError,
+    OwnershipError,
+    RemoteUnavailableError,
+    RestoreError,
+)
+from ckptstore.ownership import DEFAULT_LEASE_SECONDS, Lease, Liveness, judge
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
 from ckptstore.retry import RetryPolicy
 from ckptstore.staging import tf
+from ckptstore.staging_lock import StagingLock
 from ckptstore.uploader import BookSnapshot, Uploader, UploadRequest, UploadStatus, WhenBehind
 
 log = logging.getLogger("ckptstore")
 
 
 def _evaluate(value: Any) -> Any:
-    """The numpy value of a variable or tensor (eager mode), as TensorFlow's manager reads it."""
-    return value.numpy()
+    """The value of a variable or tensor, as TensorFlow's manager reads it (eager or session)."""
+    if tf.executing_eagerly():
+        return value.numpy()
+    return tf.compat.v1.get_default_session().run(value)
 
 
 class CheckpointManager:
@@ -87,6 +100,20 @@ class CheckpointManager:
             (GCS; rounded down to 256 KiB; default 50 MiB, chunks go one after
             another). Parts and chunks stream from the staged file: memory does not
             grow with this size.
+        read_only: never write to the remote (no lease, no upload, no deletion);
+            ``latest_checkpoint`` still downloads and verifies. ``save()`` raises.
+        takeover: take the run from a writer that is still alive (its lease has
+            not expired). That writer is fenced: it commits nothing more, and its
+            ``sync()`` raises :class:`~ckptstore.OwnershipError`.
+        lease_seconds: how long a writer that stopped renewing its lease keeps
+            the run (default 60). Another process's ``save()`` takes the run over
+            only after that; a writer that died on this machine is replaced at once.
+
+    One run has one writer. A manager opened on a URL whose writer is alive (an
+    evaluator, a second notebook) reads it: it restores, never writes, and its
+    ``save()`` raises :class:`~ckptstore.OwnershipError` naming the writer. A
+    manager becomes the writer at its first ``save()``, or at once when it finds
+    checkpoints of its predecessor to upload in its staging directory.
     """
 
     def __init__(
@@ -108,9 +135,13 @@ class CheckpointManager:
         retry: RetryPolicy | None = None,
         upload_concurrency: int = 4,
         upload_part_size: int | None = None,
+        read_only: bool = False,
+        takeover: bool = False,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ):
         # TensorFlow's checks and attributes first, in TensorFlow's order.
         self._checkpoint = checkpoint
+        self._save_counter_assign = None  # graph mode: the op that counts a save
         if max_to_keep is not None and max_to_keep <= 0:
             raise ValueError(
                 # TensorFlow's message, word for word.
@@ -143,6 +174,7 @@ class CheckpointManager:
         if max_pending_uploads < 1:
             raise ConfigurationError("max_pending_uploads must be at least 1")
 
+        backends.check_for_url_typos(directory)
         remote_mode = backends.is_remote_url(directory) or staging_dir is not None
         if staging_dir is not None:
             staging_dir = os.fspath(staging_dir)
@@ -182,6 +214,37 @@ class CheckpointManager:
             self._book.recover(staging.read_state_file(directory))
             return
 
+        self._open_remote(
+            staging_dir,
+            storage_options,
+            max_to_keep=max_to_keep,
+            keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+            max_pending_uploads=max_pending_uploads,
+            when_behind=WhenBehind(when_behind),
+            upload_concurrency=upload_concurrency,
+            upload_part_size=upload_part_size,
+            read_only=read_only,
+            takeover=takeover,
+            lease_seconds=lease_seconds,
+        )
+
+    def _open_remote(
+        self,
+        staging_dir: str | None,
+        storage_options: Mapping[str, Any] | None,
+        *,
+        max_to_keep: int | None,
+        keep_checkpoint_every_n_hours: float | None,
+        max_pending_uploads: int,
+        when_behind: WhenBehind,
+        upload_concurrency: int,
+        upload_part_size: int | None,
+        read_only: bool,
+        takeover: bool,
+        lease_seconds: float,
+    ) -> None:
+        """Remote mode: read what the remote holds, then decide whether to write or read."""
+        directory = self._directory
         backend, root = backends.resolve(
             directory if backends.is_remote_url(directory) else os.path.abspath(directory),
             storage_options,
@@ -190,17 +253,166 @@ class CheckpointManager:
         if upload_part_size is not None:
             backend.part_size = upload_part_size
         self._remote = Remote(backend, root, self._redactor.url)
+        self._uploader_options = {
+            "max_pending": max_pending_uploads,
+            "when_behind": when_behind,
+            "concurrency": upload_concurrency,
+        }
+        self._read_only, self._takeover = read_only, takeover
+        self._lease = Lease(
+            self._remote,
+            lease_seconds=lease_seconds,
+            redactor=self._redactor,
+            library_version=__version__,
+        )
         self._staging_dir = staging.prepare_staging_dir(
             staging_dir or staging.default_staging_dir(self._redactor.url)
         )
-        for leftover in staging.remove_partial_writes(self._staging_dir):
-            log.info("Removed %s, a write interrupted by a crash", leftover)
-        plan = restore.plan_resume(self._remote, self._staging_dir, self._retry, self._redactor)
+        self._staging_lock = StagingLock(self._staging_dir)
+        self._not_writer_because: str | None = None
+        if read_only:
+            self._not_writer_because = "it was opened with read_only=True"
+        elif not self._staging_lock.acquire():
+            self._not_writer_because = (
+                f"its staging directory {self._staging_dir} is in use by another manager on "
+                f"this machine (pid {self._staging_lock.holder_pid()}); pass staging_dir= a "
+                "directory of its own to write from this process"
+            )
+        if not self._staging_lock.held:
+            # Never write into a staging directory another live process owns:
+            # downloads go to a private one, removed when this manager goes.
+            self._staging_dir = staging.private_staging_dir(self._redactor.url)
+            weakref.finalize(self, shutil.rmtree, self._staging_dir, ignore_errors=True)
+
+        if self._staging_lock.held:
+            for leftover in staging.remove_partial_writes(self._staging_dir):
+                log.info("Removed %s, a write interrupted by a crash", leftover)
+        view = restore.read_remote(
+            self._remote, self._retry, self._redactor, checkpoint_name=self._checkpoint_name
+        )
+        plan = restore.plan_resume(view, self._staging_dir)
+        if self._staging_lock.held:
+            # Staging is this process's (its lock says no other live process uses it):
+            # copies of checkpoints nobody manages any more go. The remote is untouched.
+            restore._drop_unmanaged_staged(self._staging_dir, plan.managed)
+        self._committed_view = dict(plan.committed)
         self._book = staging.CheckpointBook(
             self._staging_dir, max_to_keep, keep_checkpoint_every_n_hours
         )
         self._book.recover(plan.state)
-        self._book.write_state_file()
+        if self._staging_lock.held:
+            self._book.write_state_file()
+
+        holder, _ = self._call_remote("read the writer lease on", self._lease.read)
+        live = judge(holder) == Liveness.ALIVE
+        if self._not_writer_because is None and (takeover or (plan.to_upload and not live)):
+            # Checkpoints of a dead predecessor wait in staging: this is its successor.
+            self._become_writer(view, plan)
+        elif self._not_writer_because is None and live and holder is not None:
+            self._not_writer_because = f"{holder.describe()} writes it"
+        if self._not_writer_because is not None and holder is not None and live:
+            # Once per manager. A warning unless reading is what was asked for.
+            log.log(
+                logging.INFO if read_only else logging.WARNING,
+                "ckptstore: %s is written by %s; this manager reads it: it restores but "
+                "never writes there%s.",
+                self._redactor.url,
+                holder.describe(),
+                " (read_only=True)" if read_only else "",
+            )
+        if plan.to_upload and self._uploader is None and self._staging_lock.held:
+            log.warning(
+                "ckptstore: %d checkpoint(s) staged in %s were never committed to %s; they "
+                "stay staged and are uploaded once this manager writes the run (%s).",
+                len(plan.to_upload),
+                self._staging_dir,
+                self._redactor.url,
+                self._not_writer_because or "at its first save()",
+            )
+
+    def _call_remote(self, what: str, operation: Callable[[], Any]) -> Any:
+        """One read of the remote, retried; a failure says what could not be read."""
+        assert self._remote is not None
+        try:
+            return self._retry.call(
+                operation,
+                is_transient=self._remote.backend.is_transient,
+                what=f"{what} {self._redactor.url}",
+                scrub=self._redactor.scrub,
+            )
+        except CkptStoreError:
+            raise
+        except Exception as exc:
+            raise RemoteUnavailableError(
+                f"Could not {what} {self._redactor.url}: {self._redactor.describe(exc)}. "
+                "Check the URL, the network and the credentials."
+            ) from None
+
+    def _ensure_writer(self) -> None:
+        """Make this manager the run's writer before its first write, or raise why not."""
+        if self._uploader is not None or self._remote is None:
+            return
+        if self._not_writer_because is not None and not self._staging_lock.held:
+            raise OwnershipError(
+                f"This manager does not write {self._redactor.url}: {self._not_writer_because}."
+            )
+        if self._read_only:
+            raise OwnershipError(
+                f"This manager was opened with read_only=True and never writes "
+                f"{self._redactor.url}; open one without it to save."
+            )
+        view, plan = self._read_plan()
+        self._become_writer(view, plan)
+        if set(plan.committed) != set(self._committed_view) or plan.to_upload:
+            # The remote moved on while this manager only read it (the previous
+            # writer committed more): manage what is there now. Otherwise the book
+            # stays as opened, with TensorFlow's preservation clock from then.
+            with self._lock:
+                self._book.recover(plan.state)
+                self._committed_view = dict(plan.committed)
+                self._restorable = None
+
+    def _read_plan(self) -> tuple[restore.RemoteView, restore.ResumePlan]:
+        assert self._remote is not None
+        view = restore.read_remote(
+            self._remote, self._retry, self._redactor, checkpoint_name=self._checkpoint_name
+        )
+        return view, restore.plan_resume(view, self._staging_dir)
+
+    def _refresh_view(self) -> None:
+        """A reader's second look at the remote: manage what is committed now."""
+        _, plan = self._read_plan()
+        with self._lock:
+            self._book.recover(plan.state)
+            self._committed_view = dict(plan.committed)
+            self._restorable = None
+
+    def _become_writer(self, view: restore.RemoteView, plan: restore.ResumePlan) -> None:
+        """Take the lease, then do what only the writer may: adopt, resume, retire, tidy."""
+        assert self._remote is not None
+        try:
+            self._call_remote("create the remote directory", self._remote.prepare)
+            self._call_remote(
+                "take the writer lease on", lambda: self._lease.acquire(force=self._takeover)
+            )
+        except OwnershipError:
+            raise
+        except CkptStoreError as exc:
+            # The remote cannot be reached or refuses: training must not stop for the
+            # network. Save locally; the uploader takes the lease before its first
+            # upload, and sync() reports what keeps failing.
+            log.warning(
+                "ckptstore: %s Checkpoints are staged in %s and uploaded once %s can be "
+                "written (sync() raises until then).",
+                exc,
+                self._staging_dir,
+                self._redactor.url,
+            )
+        self._not_writer_because = None
+        if view.adoptable and self._lease.held:
+            self._call_remote(
+                "adopt the checkpoints on", lambda: restore.adopt(self._remote, view.adoptable)
+            )
         self._uploader = Uploader(
             self._remote,
             self._staging_dir,
@@ -208,13 +420,14 @@ class CheckpointManager:
             committed=plan.committed,
             redactor=self._redactor,
             retry=self._retry,
-            max_pending=max_pending_uploads,
-            when_behind=WhenBehind(when_behind),
-            concurrency=upload_concurrency,
             extra_versions={"tensorflow": tf.__version__},
+            lease=self._lease,
+            takeover=self._takeover,
+            **self._uploader_options,
         )
         self._uploader.submit(None, retired=plan.retired)
         for request in plan.to_upload:
+            log.info("Resuming the upload of %s, staged but never committed", request.checkpoint)
             self._uploader.submit(request, retired=[])
         _drain_at_exit(self)
 
@@ -253,6 +466,18 @@ class CheckpointManager:
         is, with a warning). ``None`` only when the remote holds no checkpoint.
         """
         with self._lock:
+            try:
+                return self._fetch_latest()
+            except RestoreError:
+                if self._uploader is not None:
+                    raise
+                # A reader's view is from when it opened: the writer may have retired
+                # those checkpoints since (and committed newer ones). Look again, once.
+                self._refresh_view()
+                return self._fetch_latest()
+
+    def _fetch_latest(self) -> str | None:
+        with self._lock:
             latest = self._book.latest
             if self._remote is None or latest is None:
                 return latest
@@ -261,12 +486,13 @@ class CheckpointManager:
             candidates = [os.path.basename(p) for p in reversed(self._book.active)]
             if os.path.basename(latest) not in candidates:
                 candidates.insert(0, os.path.basename(latest))
-            committed = self._uploader.committed() if self._uploader else {}
+            committed = self._uploader.committed() if self._uploader else self._committed_view
             preserved = sorted(
                 (n for n in committed if n not in candidates),
                 key=lambda n: committed[n].timestamp,
                 reverse=True,
             )
+            self._record_downloads(committed, candidates + preserved)
             prefix = restore.fetch_restorable(
                 self._remote,
                 committed,
@@ -289,6 +515,9 @@ class CheckpointManager:
         """
         if self._closed:
             raise RuntimeError("This CheckpointManager is closed; create a new one to save.")
+        session = None if tf.executing_eagerly() else self._graph_session()
+        # Before anything changes (counter, files): a manager that may not write says so.
+        self._ensure_writer()
         if self._checkpoint_interval is not None:
             current_step = _evaluate(self._step_counter)
             if self._last_checkpoint_step is not None:
@@ -300,16 +529,26 @@ class CheckpointManager:
                     return None
             self._last_checkpoint_step = current_step
 
-        if not tf.executing_eagerly():
-            raise ConfigurationError(
-                "ckptstore.CheckpointManager.save() needs eager execution (TensorFlow 2's "
-                "default); call it outside tf.function and tf.compat.v1 sessions."
-            )
-        save_counter = self._checkpoint.save_counter
-        save_counter.assign_add(1)
+        # TensorFlow's save counter, eagerly or through the tf.compat.v1 session.
+        if session is None:
+            save_counter = self._checkpoint.save_counter
+            save_counter.assign_add(1)
+        else:
+
+            def _initializing_creator(next_creator: Any, **kwargs: Any) -> Any:
+                """Initialize the save counter if it has been newly created."""
+                v = next_creator(**kwargs)
+                session.run(v.initializer)
+                return v
+
+            with tf.variable_creator_scope(_initializing_creator):
+                save_counter = self._checkpoint.save_counter
+            if self._save_counter_assign is None:
+                self._save_counter_assign = save_counter.assign_add(1, read_value=False)
+            session.run(self._save_counter_assign)
         if checkpoint_number is None:
             checkpoint_number = save_counter
-        if not isinstance(checkpoint_number, (int, np.integer)):
+        if not isinstance(checkpoint_number, (numbers.Integral, np.integer)):
             checkpoint_number = int(_evaluate(checkpoint_number))
         prefix = "%s-%d" % (  # noqa: UP031  (TensorFlow's naming, %d of a numpy int)
             os.path.join(self._staging_dir, self._checkpoint_name),
@@ -330,7 +569,31 @@ class CheckpointManager:
             options = copy.copy(options)
             callbacks = list(options.experimental_write_callbacks or [])
             options.experimental_write_callbacks = [*callbacks, _record_and_sweep_state]
+        if self._remote is not None:
+            # Journaled before TensorFlow writes a byte: staging deletes only what it staged.
+            staging.record_staged(self._staging_dir, [os.path.basename(prefix)])
         return self._checkpoint.write(prefix, options=options)
+
+    def _graph_session(self) -> Any:
+        """The tf.compat.v1 session a graph-mode ``save()`` runs in, or why there is none.
+
+        Raised before anything changes: no counter increment, no interval step, no file.
+        """
+        if self._remote is not None:
+            raise ConfigurationError(
+                "ckptstore.CheckpointManager.save() with a remote needs eager execution "
+                "(TensorFlow 2's default): call it outside tf.function and tf.compat.v1 "
+                "graphs. With a plain local directory it also runs in a tf.compat.v1 "
+                "session, as TensorFlow's manager does."
+            )
+        session = tf.compat.v1.get_default_session()
+        if session is None:
+            raise ConfigurationError(
+                "ckptstore.CheckpointManager.save() is building a graph with no default "
+                "tf.compat.v1.Session to run it in (inside tf.function, for example): call "
+                "save() outside tf.function, or inside `with session.as_default():`."
+            )
+        return session
 
     def restore_or_initialize(self) -> str | None:
         """Restore the latest checkpoint, or call ``init_fn`` when there is none (TensorFlow's)."""
@@ -342,19 +605,37 @@ class CheckpointManager:
             return latest
         if self._init_fn is not None:
             self._init_fn()
-            log.info("Customized initialization is done through the passed `init_fn`.")
+            # TensorFlow's line, through TensorFlow's logger.
+            tf.get_logger().info("Customized initialization is done through the passed `init_fn`.")
         return None
 
-    def sync(self) -> None:
-        """Wait for pending writes and uploads; raise :class:`UploadError` if any failed.
+    def sync(self, *, timeout: float | None = None) -> None:
+        """Wait for pending writes and uploads; raise what failed.
 
         After it returns, every checkpoint saved so far (and not skipped as
-        superseded) is verified and committed on the remote.
+        superseded) is verified and committed on the remote, and the upkeep
+        (retirement, TensorFlow's state file, orphans) is done.
+
+        Args:
+            timeout: seconds to wait for the uploads (``None``: as long as they
+                take). The uploads go on in the background after a timeout.
+
+        Raises:
+            UploadError: an upload or the upkeep failed (the next ``sync()``
+                tries the upkeep again; failed checkpoints stay staged).
+            OwnershipError: another process took the run over; nothing more was
+                committed by this manager.
+            TimeoutError: ``timeout`` passed first; the message names what is pending.
         """
         if self._checkpoint:
             self._checkpoint.sync()
         if self._uploader is not None:
-            self._uploader.wait()
+            if not self._uploader.wait(timeout):
+                raise TimeoutError(
+                    f"ckptstore: after {timeout} s, still pending for {self._redactor.url}: "
+                    f"{self._uploader.describe_pending()}. The uploads go on in the background; "
+                    "call sync() again to wait for them."
+                )
             self._uploader.raise_failures()
 
     # --- ckptstore's additions ---------------------------------------------------------
@@ -364,20 +645,102 @@ class CheckpointManager:
         """The local directory TensorFlow writes into (``directory`` itself in local mode)."""
         return self._staging_dir
 
-    def upload_status(self) -> UploadStatus | None:
-        """Committed, pending, failed and skipped uploads; ``None`` in local mode."""
-        return self._uploader.status() if self._uploader else None
+    def fetch(self, checkpoint: str) -> str:
+        """A local prefix of any committed checkpoint, downloaded and verified if needed.
 
-    def close(self) -> None:
-        """Finish every pending upload, stop the worker, and raise what failed."""
+        For the checkpoints :attr:`latest_checkpoint` does not name: above all
+        those kept by ``keep_checkpoint_every_n_hours``, which TensorFlow leaves
+        on disk but lists nowhere (nor does :attr:`checkpoints`). ``checkpoint``
+        is a name (``"ckpt-4"``) or a prefix ending in one (a staging path, or
+        the same path under the remote's URL). In local mode the checkpoint is
+        already there and its prefix is returned as is. Example::
+
+            ckpt.restore(manager.fetch("ckpt-4"))
+
+        Raises:
+            RestoreError: no committed (or staged) checkpoint has that name, or
+                its stored copy fails verification.
+        """
+        name = os.path.basename(os.fspath(checkpoint).rstrip("/"))
+        if name.endswith(".index"):
+            name = name[: -len(".index")]
+        prefix = os.path.join(self._staging_dir, name)
+        if self._remote is None:
+            if not tf.io.gfile.exists(prefix + ".index"):
+                raise RestoreError(f"There is no checkpoint {prefix!r}: {prefix}.index is missing.")
+            return prefix
+        with self._lock:
+            committed = self._uploader.committed() if self._uploader else self._committed_view
+            self._record_downloads(committed, [name])
+            found = restore.fetch_restorable(
+                self._remote, committed, [name], self._staging_dir, self._retry, self._redactor
+            )
+        if found is None:
+            shown = ", ".join(sorted(committed)) or "none"
+            raise RestoreError(
+                f"{self._redactor.url} holds no committed checkpoint {name!r} (committed: "
+                f"{shown}), and none is staged in {self._staging_dir}."
+            )
+        return found
+
+    def upload_status(self) -> UploadStatus | None:
+        """Committed, pending, failed and skipped uploads; ``None`` in local mode.
+
+        A manager that reads the run (it does not write it) reports what it saw
+        committed when it opened, and nothing pending.
+        """
+        if self._uploader is not None:
+            return self._uploader.status()
+        if self._remote is None:
+            return None
+        return UploadStatus(
+            committed=tuple(self._committed_view),
+            in_flight=None,
+            pending=(),
+            failed={},
+            skipped=(),
+            bytes_uploaded=0,
+            retries=0,
+        )
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this manager writes the run (holds its lease); ``True`` in local mode."""
+        if self._remote is None:
+            return True
+        return self._uploader is not None and self._uploader.lost is None
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Finish every pending upload, stop the worker, give the run up, and raise what failed.
+
+        Args:
+            timeout: seconds to wait for pending uploads. When it passes, retries
+                are cut short, nothing more is committed, the unfinished
+                checkpoints stay staged for the next manager on this staging
+                directory, and :class:`TimeoutError` names them.
+        """
         if self._closed:
             return
+        timed_out = False
         try:
-            self.sync()
+            self.sync(timeout=timeout)
+        except TimeoutError:
+            timed_out = True
+            raise
         finally:
             self._closed = True
             if self._uploader is not None:
                 self._uploader.close(wait=False)
+                if timed_out:
+                    log.warning(
+                        "ckptstore: closed %s with uploads unfinished; they stay staged in %s "
+                        "and the next manager on that staging directory uploads them.",
+                        self._redactor.url,
+                        self._staging_dir,
+                    )
+            if self._remote is not None:
+                self._lease.release()
+                self._staging_lock.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -417,7 +780,7 @@ class CheckpointManager:
             doomed = self._book.sweep()
             if self._uploader is None:
                 for prefix in doomed:
-                    staging.delete_checkpoint_files(prefix)
+                    staging.remove_checkpoint(prefix)
             else:
                 request = UploadRequest(os.path.basename(save_path), number, step, timestamp)
                 dropped = self._uploader.submit(request, [os.path.basename(p) for p in doomed])
@@ -425,6 +788,19 @@ class CheckpointManager:
                     self._book.forget(os.path.join(self._staging_dir, name))
                 self._restorable = None
             self._book.write_state_file()
+
+    def _record_downloads(self, committed: Mapping[str, Any], names: list[str]) -> None:
+        """Journal the committed checkpoints a fetch may download (before it writes a byte).
+
+        Staging then tidies them like the ones it saved; a copy already there is
+        left as it is (it may be the user's own).
+        """
+        missing = [
+            n
+            for n in names
+            if n in committed and not os.path.exists(os.path.join(self._staging_dir, n + ".index"))
+        ]
+        staging.record_staged(self._staging_dir, missing)
 
     def _step_for_manifest(self) -> int | None:
         """The step to record in the manifest, if ``step_counter`` can tell it.
@@ -455,22 +831,49 @@ def _drain_at_exit(manager: CheckpointManager) -> None:
     The worker is a daemon thread (it must never keep a crashed script alive),
     so without this a script that ends right after its last ``save()`` would
     exit before that checkpoint reached the remote.
+
+    The drain must run *before* Python shuts down ``concurrent.futures``' thread
+    pools: s3fs (through aiobotocore) and others send requests through one, and
+    once it is shut down every request fails with "cannot schedule new futures
+    after shutdown". ``atexit`` handlers run after that shutdown; the hooks of
+    ``threading._register_atexit`` (where ``concurrent.futures`` registers its
+    own shutdown) run before it, latest first, so the drain is registered there.
+    It is a private hook of CPython 3.9+; without it, ``atexit`` is the fallback.
     """
     ref = weakref.ref(manager)
 
     def drain() -> None:
         m = ref()
-        if m is None or m._closed or m._uploader is None:
+        if m is None or m._closed or m._uploader is None or m._uploader.lost is not None:
             return
         status = m._uploader.status()
-        if status.pending or status.in_flight:
+        waiting = ([status.in_flight] if status.in_flight else []) + list(status.pending)
+        if waiting:
             log.warning(
-                "ckptstore: finishing %d upload(s) before exit...",
-                len(status.pending) + (1 if status.in_flight else 0),
+                "ckptstore: finishing the upload of %s to %s before exit...",
+                ", ".join(waiting),
+                m._redactor.url,
             )
         try:
             m.close()
         except Exception as exc:
-            log.error("ckptstore: %s", m._redactor.describe(exc))
+            left = ", ".join(waiting) or "the last checkpoints"
+            message = (
+                f"ckptstore: {left} NOT committed to {m._redactor.url} at exit: "
+                f"{m._redactor.describe(exc)} They stay staged in {m._staging_dir}; a manager "
+                "opened on that staging directory uploads them."
+            )
+            log.error("%s", message)
+            # Loudly, even where logging goes nowhere: this is the last word.
+            print(message, file=sys.stderr, flush=True)
+        else:
+            if waiting:
+                log.warning("ckptstore: %s committed to %s", ", ".join(waiting), m._redactor.url)
 
-    atexit.register(drain)
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading._register_atexit")
+        register(drain)
+    except RuntimeError:  # absent, or the interpreter is already shutting down
+        atexit.register(drain)

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -41,6 +42,18 @@ log = logging.getLogger("ckptstore")
 
 
 @dataclasses.dataclass
+class RemoteView:
+    """What a remote holds, read without writing anything (any process may build one)."""
+
+    names: list[str]
+    committed: dict[str, Manifest]
+    state: staging.CheckpointState | None
+    #: complete checkpoints TensorFlow wrote there, hashed where stored but not committed:
+    #: only the run's writer commits their manifests (:func:`adopt`)
+    adoptable: dict[str, Manifest]
+
+
+@dataclasses.dataclass
 class ResumePlan:
     """What a new manager on a remote starts from."""
 
@@ -48,6 +61,7 @@ class ResumePlan:
     committed: dict[str, Manifest]
     to_upload: list[UploadRequest]  # staged by a dead predecessor, never committed
     retired: list[str]  # committed, but the predecessor had already retired them
+    managed: set[str] = dataclasses.field(default_factory=set)  # names the book manages
 
 
 def _number_of(name: str) -> int | None:
@@ -64,15 +78,17 @@ def _entries_of(state: staging.CheckpointState) -> dict[str, float]:
     return dict(zip(names, stamps))
 
 
-def plan_resume(
-    remote: Remote, staging_dir: str, retry: RetryPolicy, redactor: Redactor
-) -> ResumePlan:
-    """Read the remote and the staging directory; decide what the manager manages.
+def read_remote(
+    remote: Remote, retry: RetryPolicy, redactor: Redactor, *, checkpoint_name: str = "ckpt"
+) -> RemoteView:
+    """List the remote and read its manifests and state file; write nothing.
 
     Raises:
         RemoteUnavailableError: the remote cannot be listed even after retrying.
             Starting anyway could mean silently training from scratch.
+        ConfigurationError: the client rejected ``storage_options``.
     """
+    from ckptstore.ownership import LEASE_NAME  # ownership imports this module's neighbours
 
     def call(what: str, operation: Callable[[], T]) -> T:
         return retry.call(
@@ -90,8 +106,16 @@ def plan_resume(
         remote_state = staging.parse_state_text(
             call("read the state file on", remote.read_state_text) or ""
         )
-        if not manifests:
-            manifests = _adopt_tensorflow_checkpoints(remote, names, remote_state)
+        adoptable: dict[str, Manifest] = {}
+        if not manifests and LEASE_NAME not in names:
+            # No manifest and no ckptstore lease: a directory TensorFlow wrote. (A lease
+            # means ckptstore writes here, and its data without manifests is in flight.)
+            adoptable = call(
+                "read the checkpoints on",
+                lambda: describe_tensorflow_checkpoints(
+                    remote, names, remote_state, checkpoint_name
+                ),
+            )
     except TypeError as exc:
         # fsspec clients accept any keyword at construction and reject it on first use.
         raise ConfigurationError(
@@ -111,15 +135,30 @@ def plan_resume(
             log.warning("Ignoring %s on %s: %s", name, remote.url, result)
         else:
             committed[name] = result
+    return RemoteView(names, committed, remote_state, adoptable)
 
-    # The remote's view: its state file orders the committed checkpoints and
-    # carries the preservation clock; manifests alone rebuild it if it is lost.
+
+def plan_resume(view: RemoteView, staging_dir: str) -> ResumePlan:
+    """Decide what a manager manages, from the remote's view and its staging directory.
+
+    Pure: it reads the local state file and looks for staged files, and changes
+    nothing anywhere. Committed manifests are the truth about what exists; the
+    remote state file only orders them and carries TensorFlow's preservation
+    clock, and a manifest newer than everything it lists (a writer killed
+    between the two writes) is added after them.
+    """
+    committed = {**view.adoptable, **view.committed}
+    remote_state = view.state
+    by_time = sorted(committed.items(), key=lambda kv: (kv[1].timestamp, kv[1].number or 0))
     if remote_state is not None:
         entries = {n: ts for n, ts in _entries_of(remote_state).items() if n in committed}
         last_preserved = remote_state.last_preserved_timestamp
+        newest_listed = max(entries.values(), default=-math.inf)
+        for name, m in by_time:
+            if name not in entries and m.timestamp > newest_listed:
+                entries[name] = m.timestamp
     else:
-        ordered = sorted(committed.items(), key=lambda kv: kv[1].timestamp)
-        entries = {n: m.timestamp for n, m in ordered}
+        entries = {n: m.timestamp for n, m in by_time}
         last_preserved = min(entries.values(), default=0.0) - 1.0
 
     # Staging ahead of the remote means a process on this machine saved
@@ -138,13 +177,11 @@ def plan_resume(
             elif ts > newest_committed and os.path.exists(
                 os.path.join(staging_dir, name + ".index")
             ):
-                log.info("Resuming the upload of %s, staged but never committed", name)
                 to_upload.append(UploadRequest(name, _number_of(name), None, ts))
                 resumed[name] = ts
         retired = [n for n in entries if n not in resumed]
         entries, last_preserved = resumed, local.last_preserved_timestamp
 
-    _drop_unmanaged_staged(staging_dir, set(entries))
     state = None
     if entries:
         state = staging.CheckpointState(
@@ -153,23 +190,29 @@ def plan_resume(
             all_model_checkpoint_timestamps=list(entries.values()),
             last_preserved_timestamp=last_preserved,
         )
-    return ResumePlan(state, committed, to_upload, retired)
+    return ResumePlan(state, committed, to_upload, retired, set(entries))
 
 
-def _adopt_tensorflow_checkpoints(
-    remote: Remote, names: list[str], state: staging.CheckpointState | None
-) -> dict[str, Manifest | ManifestError]:
-    """Commit manifests for the checkpoints of a directory TensorFlow wrote.
+def describe_tensorflow_checkpoints(
+    remote: Remote,
+    names: list[str],
+    state: staging.CheckpointState | None,
+    checkpoint_name: str = "ckpt",
+) -> dict[str, Manifest]:
+    """Manifests for the complete checkpoints of a directory TensorFlow wrote (not committed).
 
-    A remote with checkpoint data but not one manifest was written by plain
-    TensorFlow (or by hand). Its complete checkpoints are hashed where they are
-    stored and committed, once, so ckptstore verifies them from then on instead
-    of taking them for crash leftovers. Trust on first use: nothing vouched for
-    these bytes before.
+    Only the manager's own ``<checkpoint_name>-<number>`` checkpoints: a
+    ``bert.index`` copied in beside them is somebody else's, and adopting it
+    would hand it to ``max_to_keep``. Trust on first use: nothing vouched for
+    these bytes before, so they are hashed where they are stored. Incomplete
+    ones are left out with a warning.
     """
     stamps = _entries_of(state) if state is not None else {}
-    found = sorted({c for n in names if (c := checkpoint_of_data_file(n)) is not None})
-    adopted: dict[str, Manifest | ManifestError] = {}
+    own = re.compile(re.escape(checkpoint_name) + r"-\d+")
+    found = sorted(
+        {c for n in names if (c := checkpoint_of_data_file(n)) is not None and own.fullmatch(c)}
+    )
+    described: dict[str, Manifest] = {}
     for checkpoint in found:
         manifest = remote.describe_stored(
             checkpoint, names, number=_number_of(checkpoint), timestamp=stamps.get(checkpoint, 0.0)
@@ -177,22 +220,31 @@ def _adopt_tensorflow_checkpoints(
         if manifest is None:
             log.warning("Not adopting %s on %s: its files are incomplete", checkpoint, remote.url)
             continue
+        described[checkpoint] = manifest
+    return described
+
+
+def adopt(remote: Remote, adoptable: dict[str, Manifest]) -> None:
+    """Commit the manifests of TensorFlow-written checkpoints (the run's writer only).
+
+    From then on ckptstore verifies them instead of taking them for crash leftovers.
+    """
+    for checkpoint, manifest in adoptable.items():
         remote.commit(manifest)
-        adopted[checkpoint] = manifest
         log.info("Adopted %s, written by TensorFlow, on %s", checkpoint, remote.url)
-    return adopted
 
 
 def _drop_unmanaged_staged(staging_dir: str, managed: set[str]) -> None:
-    """Delete staged copies of checkpoints nobody manages any more.
+    """Delete staged copies of checkpoints ckptstore staged and nobody manages any more.
 
     They are left when a process dies between retiring a checkpoint and
-    tidying staging. Staging belongs to ckptstore, so this loses nothing: every
-    checkpoint worth keeping is either managed or committed on the remote.
+    tidying staging; every one worth keeping is either managed or committed on
+    the remote. Only checkpoints ckptstore staged itself (its journal) are
+    candidates: a ``staging_dir`` may be the user's own directory, and their
+    checkpoints there are never deleted.
     """
-    for name in os.listdir(staging_dir):
-        checkpoint = checkpoint_of_data_file(name)
-        if checkpoint is not None and checkpoint not in managed:
+    for checkpoint in staging.staged_names(staging_dir):
+        if checkpoint not in managed:
             staging.delete_checkpoint_files(os.path.join(staging_dir, checkpoint))
 
 
@@ -232,7 +284,10 @@ def fetch_restorable(
                 scrub=redactor.scrub,
             )
         except (VerificationError, FileNotFoundError) as exc:
-            problem = f"{name}: {redactor.describe(exc)}"
+            if isinstance(exc, FileNotFoundError):
+                problem = f"{name}: deleted from the remote since it was listed (retired?)"
+            else:
+                problem = f"{name}: {redactor.describe(exc)}"
             problems.append(problem)
             log.warning(
                 "Not restoring %s from %s: %s. Trying the previous checkpoint.",

@@ -11,6 +11,12 @@ directory the manager deletes it at once, exactly as TensorFlow does.
 
 The state file itself is read and written with TensorFlow's own helpers, so it
 is byte-for-byte what TensorFlow writes and reads.
+
+A staging directory may be one the user already had (``staging_dir=`` pointed
+at a directory holding their own ``Checkpoint.save()`` output). ckptstore
+deletes there only what it wrote itself: the journal ``.ckptstore-staged.json``
+names every checkpoint ckptstore staged or downloaded, recorded before the
+first byte of it is written, and every deletion in staging checks it.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import glob
+import json
 import logging
 import os
 import shutil
+import threading
 import time
 
 from ckptstore.errors import ConfigurationError
@@ -86,10 +94,10 @@ class CheckpointBook:
         self.latest = state.model_checkpoint_path
         self.last_preserved_timestamp = state.last_preserved_timestamp
         if current_clock < self.last_preserved_timestamp:
-            log.warning(
-                "time.time() returned a value %f seconds behind the last preserved "
-                "checkpoint timestamp.",
-                self.last_preserved_timestamp - current_clock,
+            # TensorFlow's warning, through TensorFlow's logger, formatted as it formats it.
+            tf.get_logger().warning(
+                "time.time() returned a value %f seconds behind the last preserved "  # noqa: UP031
+                "checkpoint timestamp." % (self.last_preserved_timestamp - current_clock,)
             )
             self.last_preserved_timestamp = current_clock
         all_timestamps = list(state.all_model_checkpoint_timestamps)
@@ -152,27 +160,130 @@ def read_state_file(directory: str) -> CheckpointState | None:
     return tf.train.get_checkpoint_state(directory)
 
 
-def delete_checkpoint_files(prefix: str) -> None:
-    """Delete a checkpoint's files, as TensorFlow's sweep does (index, then data shards)."""
+def remove_checkpoint(prefix: str) -> None:
+    """TensorFlow's sweep of one checkpoint, for a plain local directory (local mode).
+
+    TensorFlow's ``_delete_file_if_exists`` on the same two patterns, through
+    TensorFlow's file API (so exactly the same files go), with its warning,
+    through its logger, when a file vanishes between listing and deleting.
+    Staging directories use :func:`delete_checkpoint_files` instead.
+    """
+    for filespec in (prefix + ".index", prefix + ".data-?????-of-?????"):
+        for pathname in tf.io.gfile.glob(filespec):
+            try:
+                tf.io.gfile.remove(pathname)
+            except tf.errors.NotFoundError:
+                tf.get_logger().warning(
+                    "Hit NotFoundError when deleting '%s', possibly because another "
+                    "process/thread is also deleting/moving the same file",
+                    pathname,
+                )
+
+
+# --- what ckptstore staged: the only files it deletes in a staging directory ---------------
+
+STAGED_JOURNAL = ".ckptstore-staged.json"
+_JOURNAL_FORMAT = "ckptstore.staged"
+_journal_lock = threading.Lock()  # read-modify-write of a journal, across this process's threads
+
+
+def _journal_path(staging_dir: str) -> str:
+    return os.path.join(staging_dir, STAGED_JOURNAL)
+
+
+def _read_journal(staging_dir: str) -> list[str]:
+    try:
+        with open(_journal_path(staging_dir), encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        # Unreadable: treat nothing as ckptstore's. That only keeps files.
+        log.warning("Ignoring an unreadable %s in %s: %s", STAGED_JOURNAL, staging_dir, exc)
+        return []
+    if not isinstance(data, dict) or data.get("format") != _JOURNAL_FORMAT:
+        names = None
+    else:
+        names = data.get("checkpoints")
+    if not isinstance(names, list):
+        log.warning("Ignoring %s in %s: not a ckptstore journal", STAGED_JOURNAL, staging_dir)
+        return []
+    return [n for n in names if isinstance(n, str)]
+
+
+def _write_journal(staging_dir: str, names: list[str]) -> None:
+    """Replace the journal atomically (temporary file, then rename).
+
+    Not fsynced: after a power cut the journal may miss its newest names, and a
+    name missing from it only keeps that checkpoint's files (the safe side).
+    """
+    path = _journal_path(staging_dir)
+    temp = f"{path}.tmp-{os.getpid()}"
+    text = json.dumps({"format": _JOURNAL_FORMAT, "format_version": 1, "checkpoints": names})
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temp, path)
+
+
+def record_staged(staging_dir: str, names: list[str]) -> None:
+    """Note that ckptstore is about to write these checkpoints into ``staging_dir``.
+
+    Call before the first byte of them is written (TensorFlow's write, a
+    download): a crash in between then leaves nothing ckptstore would not
+    recognise as its own. One small file write, and none when they are listed already.
+    """
+    if not names:
+        return
+    with _journal_lock:
+        staged = _read_journal(staging_dir)
+        new = [n for n in dict.fromkeys(names) if n not in staged]
+        if new:
+            _write_journal(staging_dir, staged + new)
+
+
+def staged_names(staging_dir: str) -> list[str]:
+    """The checkpoints ckptstore staged in ``staging_dir`` and has not deleted (oldest first)."""
+    with _journal_lock:
+        return _read_journal(staging_dir)
+
+
+def delete_checkpoint_files(prefix: str) -> bool:
+    """Delete a staged checkpoint's files (index, then data shards), if ckptstore staged it.
+
+    A checkpoint the journal does not name is someone else's (the user's own
+    ``Checkpoint.save()`` in a ``staging_dir`` they chose): its files stay and
+    this returns ``False``.
+    """
+    staging_dir, name = os.path.split(prefix)
+    if name not in staged_names(staging_dir):
+        log.info("Keeping %s in %s: ckptstore did not write it", name, staging_dir)
+        return False
     for path in [prefix + ".index", *glob.glob(glob.escape(prefix) + ".data-?????-of-?????")]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
+    with _journal_lock:
+        staged = _read_journal(staging_dir)
+        if name in staged:
+            staged.remove(name)
+            _write_journal(staging_dir, staged)
+    return True
 
 
 def remove_partial_writes(staging_dir: str) -> list[str]:
-    """Delete what a killed TensorFlow write left in staging: ``<prefix>_temp/part-*``.
+    """Delete what a killed TensorFlow write of ckptstore's left: ``<prefix>_temp/part-*``.
 
     TensorFlow writes shards into ``<prefix>_temp/`` and moves them into place at
     the end; a process killed in between leaves the directory behind, and no
-    TensorFlow code ever removes it. Only directories holding nothing but such
-    shards are removed.
+    TensorFlow code ever removes it. Only directories of checkpoints ckptstore
+    staged, holding nothing but such shards, are removed.
     """
+    staged = set(staged_names(staging_dir))
     removed = []
     for name in os.listdir(staging_dir):
         path = os.path.join(staging_dir, name)
-        if not (name.endswith("_temp") and os.path.isdir(path)):
+        if not (name.endswith("_temp") and name[: -len("_temp")] in staged):
             continue
-        if all(entry.startswith("part-") for entry in os.listdir(path)):
+        if os.path.isdir(path) and all(entry.startswith("part-") for entry in os.listdir(path)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     return removed
@@ -233,3 +344,17 @@ def default_staging_dir(shown_url: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", shown_url)[-60:].strip("_")
     digest = hashlib.sha256(shown_url.encode("utf-8")).hexdigest()[:12]
     return os.path.join(base, f"{slug}-{digest}")
+
+
+def private_staging_dir(shown_url: str) -> str:
+    """A fresh directory for a manager that only reads, beside the default staging base.
+
+    Used when another live manager on this machine owns the run's staging
+    directory: the reader downloads here and never touches the owner's files.
+    """
+    import tempfile
+
+    base = os.path.dirname(default_staging_dir(shown_url))
+    os.makedirs(base, exist_ok=True)
+    slug = os.path.basename(default_staging_dir(shown_url))
+    return tempfile.mkdtemp(prefix=f"{slug}-reader-", dir=base)

@@ -13,7 +13,14 @@ so the data path runs in one direction with no locking between steps:
 
 Failures never raise in the training thread. They are logged, kept, and raised
 by :meth:`Uploader.raise_failures` (called by ``sync()`` and ``close()``); the
-failed checkpoint's staged files stay for the next manager to upload.
+failed checkpoint's staged files stay for the next manager to upload. That holds
+for the upkeep too: a retirement, state-file write or orphan sweep that failed
+is raised at ``sync()`` and tried again at the next one.
+
+Only the run's writer has an uploader, and every commit, deletion and
+state-file write first proves the writer still holds the run
+(:meth:`ckptstore.ownership.Lease.ensure_held`). A writer that lost the run
+stops all remote work and ``sync()`` raises :class:`OwnershipLost`.
 
 Back-pressure: at most ``max_pending`` checkpoints wait behind the one in
 flight. When a save would exceed that, :attr:`WhenBehind.SKIP` drops the oldest
@@ -29,6 +36,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,7 +45,9 @@ from fsspec.callbacks import Callback
 from ckptstore import manifest as mf
 from ckptstore import staging
 from ckptstore.backends.local import TEMP_MARKER
+from ckptstore.errors import OwnershipError, UploadError
 from ckptstore.manifest import Manifest
+from ckptstore.ownership import LEASE_NAME
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
 from ckptstore.retry import RetryPolicy
@@ -161,8 +171,14 @@ class Uploader:
         when_behind: WhenBehind,
         concurrency: int,
         extra_versions: dict[str, str],
+        lease: Any = None,
+        takeover: bool = False,
+        collect_orphans: bool = True,
     ):
         self.remote = remote
+        #: the run's writer lease (ckptstore.ownership.Lease); None only in unit tests
+        self._lease = lease
+        self._takeover = takeover
         self.staging_dir = staging_dir
         self._snapshot = snapshot
         self._committed = dict(committed)
@@ -189,7 +205,13 @@ class Uploader:
         self._bytes_sent = 0
         self._retries = 0
         self._stop = threading.Event()
+        self._abort = threading.Event()  # set by a close that timed out: cut backoffs short
         self._closed = False
+        self._lost: OwnershipError | None = None  # the run was taken over: do no remote work
+        self._orphans_due = collect_orphans
+        #: upkeep that failed ("write the state file", ...) -> error, raised by sync()
+        self._upkeep_failures: dict[str, BaseException] = {}
+        self._upkeep_unreported: dict[str, BaseException] = {}
         self._thread = threading.Thread(target=self._run, name="ckptstore-uploader", daemon=True)
         self._thread.start()
 
@@ -250,28 +272,68 @@ class Uploader:
             staging.delete_checkpoint_files(os.path.join(self.staging_dir, name))
         return dropped
 
-    def wait(self) -> None:
-        """Block until every queued upload is committed or failed and retirement is done."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued upload is committed or failed and upkeep is done.
+
+        Upkeep that failed before (a state file, a retirement) is tried once more.
+        Returns ``False`` if ``timeout`` seconds passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
+            if self._upkeep_failures and self._lost is None:
+                self._dirty = True  # try the failed upkeep again before reporting it
+                self._cond.notify_all()
             while (self._pending or self._busy or self._dirty) and self._thread.is_alive():
-                self._cond.wait(timeout=1.0)
+                if self._lost is not None and not self._busy:
+                    break
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=left)
+        return True
+
+    def describe_pending(self) -> str:
+        """``ckpt-7 (uploading), ckpt-8 (queued)``: what a timed-out wait still had to do."""
+        with self._cond:
+            parts = [f"{self._in_flight} (uploading)"] if self._in_flight else []
+            parts += [f"{r.checkpoint} (queued)" for r in self._pending]
+            if not parts and (self._busy or self._dirty):
+                parts.append("retiring old checkpoints and writing the state file")
+        return ", ".join(parts) or "nothing"
 
     def raise_failures(self) -> None:
-        """Raise :class:`UploadError` for failures not reported yet."""
-        from ckptstore.errors import UploadError
+        """Raise what went wrong since the last call.
 
+        :class:`OwnershipLost` if another process took the run (every call, from
+        then on); else :class:`UploadError` for uploads and upkeep that failed.
+        """
         with self._cond:
+            lost = self._lost
             failures, self._unreported = self._unreported, {}
-        if failures:
+            upkeep, self._upkeep_unreported = self._upkeep_unreported, {}
+        if lost is not None:
+            raise lost
+        if failures or upkeep:
             lines = "; ".join(
                 f"{name}: {self._redactor.describe(exc)}" for name, exc in failures.items()
             )
-            raise UploadError(
-                f"{len(failures)} checkpoint(s) were not committed to {self.remote.url}: {lines}. "
-                "Committed checkpoints are untouched; the failed ones stay staged in "
-                f"{self.staging_dir} and a new manager on that staging directory uploads them.",
-                failures,
+            chores = "; ".join(
+                f"could not {what}: {self._redactor.describe(exc)}" for what, exc in upkeep.items()
             )
+            text = []
+            if failures:
+                text.append(
+                    f"{len(failures)} checkpoint(s) were not committed to {self.remote.url}: "
+                    f"{lines}. Committed checkpoints are untouched; the failed ones stay staged "
+                    f"in {self.staging_dir} and a new manager on that staging directory uploads "
+                    "them."
+                )
+            if upkeep:
+                text.append(
+                    f"Upkeep of {self.remote.url} failed ({chores}). Every committed checkpoint "
+                    "is still restorable; the next sync() tries again."
+                )
+            raise UploadError(" ".join(text), {**failures, **upkeep})
 
     def status(self) -> UploadStatus:
         with self._cond:
@@ -291,46 +353,97 @@ class Uploader:
             return dict(self._committed)
 
     def close(self, wait: bool = True) -> None:
+        """Stop the worker; without ``wait``, cut its retries short and give it 5 s."""
         if wait:
             self.wait()
+        else:
+            self._abort.set()
         with self._cond:
             self._closed = True
             self._stop.set()
             self._cond.notify_all()
         self._thread.join(timeout=None if wait else 5.0)
 
+    @property
+    def lost(self) -> OwnershipError | None:
+        return self._lost
+
     # --- the worker ------------------------------------------------------------
 
     def _run(self) -> None:
-        self._guarded("collect orphans", self._collect_orphans)
         while True:
             with self._cond:
                 while not (self._pending or self._dirty or self._stop.is_set()):
                     self._cond.wait()
-                if self._stop.is_set() and not self._pending:
+                if (self._stop.is_set() and not self._pending) or self._abort.is_set():
                     return
+                if self._lost is not None:
+                    # The run is someone else's now: nothing more goes to the remote.
+                    # Queued checkpoints stay staged; sync() raises OwnershipLost.
+                    self._pending.clear()
+                    self._dirty = False
+                    self._cond.notify_all()
+                    continue
                 request = self._pending.popleft() if self._pending else None
                 self._in_flight = request.checkpoint if request else None
                 self._dirty = False
                 self._busy = True
             if request is not None:
                 self._upload(request)
-            self._guarded("retire old checkpoints", self._reconcile)
+            if self._orphans_due:
+                self._guarded("collect orphans", self._collect_orphans)
+            self._guarded("write the state file", self._write_state)
+            self._guarded("retire old checkpoints", self._retire)
+            self._guarded("tidy the staging directory", self._tidy_staging)
             with self._cond:
                 self._in_flight = None
                 self._busy = False
                 self._cond.notify_all()
 
     def _guarded(self, what: str, step: Callable[[], None]) -> None:
+        """Run one upkeep step; keep its failure for sync() instead of raising here."""
         try:
             step()
+        except OwnershipError as exc:
+            self._lose(exc)
         except Exception as exc:  # background work must never die silently
+            with self._cond:
+                self._upkeep_failures[what] = exc
+                self._upkeep_unreported[what] = exc
             log.warning(
-                "ckptstore could not %s on %s: %s",
+                "ckptstore could not %s on %s (sync() will raise, and try again): %s",
                 what,
                 self.remote.url,
                 self._redactor.describe(exc),
             )
+        else:
+            with self._cond:
+                self._upkeep_failures.pop(what, None)
+
+    def _lose(self, exc: OwnershipError) -> None:
+        with self._cond:
+            if self._lost is None:
+                log.error("ckptstore: %s", exc)
+            self._lost = exc
+            self._cond.notify_all()
+
+    def _ensure_held(self) -> None:
+        """Before any commit, deletion or state-file write: the run must still be ours."""
+        if self._abort.is_set():
+            raise OwnershipError(
+                f"This manager was closed before its upload to {self.remote.url} finished; "
+                "nothing more is committed (the checkpoint stays staged)."
+            )
+        if self._lease is None:
+            return
+        if self._lease.lost is None and not self._lease.held:
+            # The manager could not reach the remote to take the run at save():
+            # take it now, before the first byte goes up (OwnershipError if taken).
+            self._lease.acquire(force=self._takeover)
+            return
+        # A conditional write of the lease, every time: one small request per commit,
+        # and a takeover that landed a moment ago is seen before this one acts.
+        self._lease.renew()
 
     def _call(self, what: str, operation: Callable[[], object]) -> object:
         attempts = 0
@@ -348,6 +461,7 @@ class Uploader:
             is_transient=self.remote.backend.is_transient,
             what=f"{what} ({self.remote.url})",
             scrub=self._redactor.scrub,
+            stop=self._abort,
         )
 
     def _upload(self, request: UploadRequest) -> None:
@@ -365,9 +479,19 @@ class Uploader:
             if not self._prepared:
                 self._call("create the remote directory", self.remote.prepare)
                 self._prepared = True
+            # Not one byte goes up unless this process writes the run, and the lease
+            # says which checkpoint is going up: if this process dies now, the next
+            # writer knows these files are ckptstore's leftovers (and only these).
+            self._call("take the writer lease", self._ensure_held)
+            if self._lease is not None:
+                self._call(
+                    "record the upload in the writer lease",
+                    lambda: self._lease.mark_in_flight(name),
+                )
             if name in self._committed:
                 # Re-saving a number that is committed: withdraw the old commit
                 # first, so no reader ever pairs the old manifest with new data.
+                self._ensure_held()
                 self._call(f"withdraw {name}", lambda: self.remote.uncommit(name))
                 with self._cond:
                     del self._committed[name]
@@ -384,10 +508,17 @@ class Uploader:
                     self._bytes_uploaded += entry.size
 
             run_in_threads(send, list(manifest.files), self._concurrency)
+            self._call("renew the writer lease", self._ensure_held)
             self._call(f"commit {name}", lambda: self.remote.commit(manifest))
             with self._cond:
                 self._committed[name] = manifest
+            if self._lease is not None:
+                self._lease.mark_done(name)
             log.info("Committed %s to %s (%d bytes)", name, self.remote.url, manifest.total_bytes)
+        except OwnershipError as exc:
+            with self._cond:
+                self._failed[name] = self._redactor.describe(exc)  # keeps it staged
+            self._lose(exc)
         except Exception as exc:
             with self._cond:
                 self._failed[name] = self._redactor.describe(exc)
@@ -418,11 +549,11 @@ class Uploader:
             list(listed), list(listed.values()), snap.last_preserved_timestamp
         )
         if text != self._last_state_text:
+            self._call("renew the writer lease", self._ensure_held)
             self._call("write the state file", lambda: self.remote.write_state_text(text))
             self._last_state_text = text
 
-    def _reconcile(self) -> None:
-        self._write_state()
+    def _retire(self) -> None:
         with self._cond:
             committed = dict(self._committed)
             retired = list(self._retired)
@@ -437,23 +568,40 @@ class Uploader:
                 # checkpoint may still be the newest the remote can restore.
                 if newest_survivor is None or newest_survivor <= manifest.timestamp:
                     continue
+                self._call("renew the writer lease", self._ensure_held)
+                if self._lease is not None:
+                    # Listed while its data outlives its manifest: if this process dies
+                    # mid-retirement, the next writer knows those files are leftovers.
+                    self._call(
+                        "record the retirement in the writer lease",
+                        lambda n=name: self._lease.mark_in_flight(n),
+                    )
                 self._call(f"retire {name}", lambda n=name: self.remote.uncommit(n))
                 self._call(
                     f"delete {name}",
                     lambda m=manifest: self.remote.delete_data([f.name for f in m.files]),
                 )
+                if self._lease is not None:
+                    self._lease.mark_done(name)
                 changed = True
             with self._cond:
                 self._committed.pop(name, None)
                 self._retired.remove(name)
         if changed:
             self._write_state()
-        self._tidy_staging()
 
     def _tidy_staging(self) -> None:
+        """Delete staged copies nobody needs: not managed, queued or in flight.
+
+        A checkpoint whose upload failed stays staged while the manager still
+        manages it (the next manager on this staging directory uploads it); once
+        retention drops it, it goes like any other. So a remote that keeps failing
+        never holds more than ``max_to_keep + max_pending + 1`` checkpoints here,
+        the newest among them.
+        """
         snap = self._snapshot()
         with self._cond:
-            keep = {r.checkpoint for r in self._pending} | set(self._failed)
+            keep = {r.checkpoint for r in self._pending}
             if self._in_flight:
                 keep.add(self._in_flight)
             keep |= {n for n, _ in snap.managed}
@@ -463,17 +611,32 @@ class Uploader:
             staging.delete_checkpoint_files(os.path.join(self.staging_dir, name))
 
     def _collect_orphans(self) -> None:
-        """Delete remote data no manifest vouches for (left by a crash mid-upload)."""
+        """Delete remote data no manifest vouches for (left by a crash mid-upload).
+
+        Only the run's writer gets here, and it holds the lease: whoever left the
+        files is gone (released, expired, or dead on this machine) or fenced, so
+        nothing it still uploads can be committed.
+        """
+        previous = self._lease.previous if self._lease is not None else None
+        leftovers = set(previous.in_flight) if previous is not None else set()
         names = self.remote.list_names()
         with_manifest = set(self.remote.committed_names(names))
         with self._cond:
             keep = with_manifest | {r.checkpoint for r in self._pending}
+        # Only what the previous writer's lease says it was uploading: a user's
+        # "embeddings.index" or a copied-in "bert.data-*" is not ckptstore's to delete.
         orphans = [
-            n for n in names if (c := mf.checkpoint_of_data_file(n)) is not None and c not in keep
+            n
+            for n in names
+            if (c := mf.checkpoint_of_data_file(n)) is not None and c in leftovers and c not in keep
         ]
-        temps = [n for n in names if TEMP_MARKER in n]
+        # ckptstore's own temporary names (a write-then-rename cut short), never the
+        # lease's: another process may be taking it over this very moment.
+        temps = [n for n in names if TEMP_MARKER in n and not n.startswith(LEASE_NAME)]
         if orphans or temps:
             log.info(
                 "Collecting %d orphaned file(s) on %s", len(orphans) + len(temps), self.remote.url
             )
+            self._call("renew the writer lease", self._ensure_held)
             self._call("collect orphans", lambda: self.remote.delete_data(orphans + temps))
+        self._orphans_due = False

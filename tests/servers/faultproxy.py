@@ -62,12 +62,14 @@ ALL_MODES = ("5xx", "reset", "stall", "truncate")
 _IO_CHUNK = 256 * 1024  # largest single read/write when streaming bodies
 _MAX_LINE = 64 * 1024  # longest request/status/header line accepted
 _MAX_HEADERS = 200
+_MAX_PEEK = 1024 * 1024  # largest request body a body_filter is shown
 # Headers that describe one hop of the connection, not the message; "expect"
 # is here because the proxy answers 100-continue itself.
 _HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "upgrade", "expect"))
 
 Headers = List[Tuple[str, str]]
 FaultFilter = Callable[[str, str, Headers], bool]
+BodyFilter = Callable[[str, str, Headers, "bytes | None"], bool]
 
 
 class _Stopped(Exception):
@@ -191,7 +193,12 @@ class FaultProxy:
     reproducible for a seed, though which request gets which draw depends on
     the client's concurrency.  ``inject_next(mode)`` forces faults
     deterministically.  ``fault_filter(method, target, headers)`` returning
-    False exempts a request (e.g. fault only ``PUT``s).  ``latency_s`` is
+    False exempts a request (e.g. fault only ``PUT``s).  ``body_filter(method,
+    target, headers, body)`` does the same for requests told apart only by
+    their body (a GCS upload names its object in the body): requests with a
+    Content-Length of at most 1 MiB are read before the fault is chosen and
+    ``body`` holds their bytes (``None`` for larger or chunked ones); it is
+    consulted after ``fault_filter``.  ``latency_s`` is
     added before each request is handled (an RTT stand-in);
     ``bandwidth_bytes_per_s`` caps each direction across all connections.
     """
@@ -209,6 +216,7 @@ class FaultProxy:
         latency_s: float = 0.0,
         error_status: int = 503,
         fault_filter: FaultFilter | None = None,
+        body_filter: BodyFilter | None = None,
     ):
         if not _is_loopback(upstream_host):
             raise ValueError(f"upstream {upstream_host!r} is not a loopback address")
@@ -218,6 +226,7 @@ class FaultProxy:
         self.latency_s = float(latency_s)
         self.error_status = int(error_status)
         self.fault_filter = fault_filter
+        self.body_filter = body_filter
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._failure_rate = 0.0
@@ -425,8 +434,12 @@ class FaultProxy:
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
-    def _choose_fault(self, method: str, target: str, headers: Headers) -> str | None:
+    def _choose_fault(
+        self, method: str, target: str, headers: Headers, body: bytes | None
+    ) -> str | None:
         if self.fault_filter is not None and not self.fault_filter(method, target, headers):
+            return None
+        if self.body_filter is not None and not self.body_filter(method, target, headers, body):
             return None
         with self._lock:
             if self._forced:
@@ -508,10 +521,15 @@ class FaultProxy:
             raise _ProtocolError(f"bad request line {start_line!r}") from None
         with self._lock:
             self._requests += 1
-        fault = self._choose_fault(method, target, headers)
+        expects_continue = _has_token(headers, "Expect", "100-continue")
+        body = None
+        if self.body_filter is not None:
+            body = self._peek_body(client, headers, expects_continue)
+            if body is not None:
+                expects_continue = False  # answered while reading the body
+        fault = self._choose_fault(method, target, headers, body)
         if self.latency_s and self._stop.wait(self.latency_s):
             raise _Stopped
-        expects_continue = _has_token(headers, "Expect", "100-continue")
         client_wants_close = _has_token(headers, "Connection", "close") or version == "HTTP/1.0"
 
         if fault == "reset":
@@ -521,7 +539,8 @@ class FaultProxy:
             # either) so that the client ends up waiting for a response.
             if expects_continue:
                 client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._copy_body(client, None, headers, request=True)  # drain & discard
+            if body is None:
+                self._copy_body(client, None, headers, request=True)  # drain & discard
             self._wait_for_hangup(client, self.stall_seconds)
             return False, True
         if fault == "5xx":
@@ -530,7 +549,8 @@ class FaultProxy:
                 # outright and close, as a real server may.
                 self._send_error(client, method, close=True)
                 return False, False
-            self._copy_body(client, None, headers, request=True)  # drain & discard
+            if body is None:
+                self._copy_body(client, None, headers, request=True)  # drain & discard
             self._send_error(client, method, close=client_wants_close)
             return not client_wants_close, False
 
@@ -549,7 +569,10 @@ class FaultProxy:
         fwd_headers = [(k, v) for k, v in headers if k.lower() not in _HOP_BY_HOP]
         upstream.send(self._encode_head(start_line, fwd_headers))
         try:
-            self._copy_body(client, upstream, headers, request=True)
+            if body is None:
+                self._copy_body(client, upstream, headers, request=True)
+            else:
+                upstream.send(body)
         except (BrokenPipeError, ConnectionResetError):
             # Upstream may have answered early and closed; try to relay that.
             client_wants_close = True
@@ -594,6 +617,27 @@ class FaultProxy:
         return not client_close, False
 
     # ------------------------------------------------------------------ HTTP bits
+
+    def _peek_body(self, client: _Link, headers: Headers, expects_continue: bool) -> bytes | None:
+        """Read a small Content-Length body whole (for ``body_filter``); ``None`` if not small."""
+        if _has_token(headers, "Transfer-Encoding", "chunked"):
+            return None
+        length = _header(headers, "Content-Length")
+        n = int(length) if length is not None else 0
+        if n > _MAX_PEEK:
+            return None
+        if expects_continue:
+            client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        parts = []
+        while n > 0:
+            if self._stop.is_set():
+                raise _Stopped
+            data = client.read_some(min(n, _IO_CHUNK))
+            if not data:
+                raise _ProtocolError("peer closed mid-body")
+            parts.append(data)
+            n -= len(data)
+        return b"".join(parts)
 
     def _read_head(self, link: _Link, allow_eof: bool) -> Tuple[str, Headers] | None:
         line = link.readline()

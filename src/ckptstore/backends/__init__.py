@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,6 +49,51 @@ REGISTRY: dict[str, BackendEntry] = {
     # pydrive2's filesystem, not the "gdrive" of fsspec's registry (see backends/gdrive.py)
     "gdrive": BackendEntry("ckptstore.backends.gdrive:DriveBackend", "pydrive2.fs", "gdrive"),
 }
+
+
+def _known_protocols() -> set[str]:
+    return {p.lower() for p in (*REGISTRY, *fsspec.available_protocols()) if len(p) > 1}
+
+
+def check_for_url_typos(directory: str) -> None:
+    """Refuse a path that is a URL with a typo, before it silently means "local disk".
+
+    ``"s3:/bucket/x"`` and ``"gs//bucket/x"`` are valid relative paths, so without this
+    TensorFlow's write would land in ``./s3:/bucket/x`` and nothing would ever be
+    uploaded. ``"S3://bucket/x"`` would reach the client with a protocol it does not
+    know. Each gets an error that shows the URL the user probably meant.
+
+    >>> check_for_url_typos("s3:/bucket/run")
+    Traceback (most recent call last):
+    ...
+    ckptstore.errors.ConfigurationError: 's3:/bucket/run' looks like a mistyped URL: ...
+    """
+    shown = redact_url(directory)
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)(:?)(/*)(.*)$", directory)
+    if match is None:
+        return
+    protocol, colon, slashes, rest = match.groups()
+    known = _known_protocols()
+    if protocol.lower() not in known:
+        return
+    if colon and len(slashes) >= 2:  # "s3://b/x"; "file:///tmp/x" has a third
+        if protocol != protocol.lower():  # "S3://bucket/x"
+            meant = f"{protocol.lower()}:{slashes}{rest}"
+            raise ConfigurationError(
+                f"{shown!r}: protocols are lower case; did you mean {redact_url(meant)!r}?"
+            )
+        return  # a well-formed URL
+    if colon or len(slashes) >= 2:  # "s3:/b/x", "s3:b/x", "gs//b/x"
+        if protocol.lower() in ("file", "local"):
+            meant = f"file:///{rest.lstrip('/')}"
+        else:
+            meant = f"{protocol.lower()}://{rest.lstrip('/')}"
+        raise ConfigurationError(
+            f"{shown!r} looks like a mistyped URL: did you mean {redact_url(meant)!r}? As "
+            "written it is a local path, and checkpoints would be written under "
+            f"{os.path.abspath(directory)!r} and never uploaded. For a local directory of "
+            f"that name, write it as './{directory}'."
+        )
 
 
 def is_remote_url(directory: str) -> bool:
