@@ -14,6 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses
 import posixpath
+import subprocess
+import sys
+import time
 import uuid
 from typing import Any
 
@@ -180,3 +183,27 @@ def remote(request, tmp_path) -> RemoteSpec:
 @pytest.fixture
 def state() -> TrainState:
     return TrainState()
+
+
+def dead_writers_lease(in_flight: tuple[str, ...]) -> bytes:
+    """The lease a writer on this machine left when it was killed mid-upload."""
+    from ckptstore.ownership import Holder, machine_id
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    now = time.time()
+    return Holder(
+        writer="killed-writer",
+        host="this-machine",
+        pid=int(gone.stdout),
+        since=now - 60,
+        last_seen=now,
+        lease_seconds=60,
+        machine=machine_id(),
+        process_start="1",
+        in_flight=in_flight,
+    ).to_json()

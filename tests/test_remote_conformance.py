@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import ckptstore
 from ckptstore.staging import parse_state_text
-from conftest import open_manager
+from conftest import dead_writers_lease, open_manager
 from training import TrainState
 
 FAST = ckptstore.RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
@@ -159,33 +159,6 @@ def test_malformed_manifest_json_is_rejected_with_a_clear_warning(remote, state,
     assert os.path.basename(prefix) == "ckpt-1"
     assert fresh.matches_step(1)
     assert any("not valid JSON" in r.getMessage() for r in caplog.records)
-
-
-def dead_writers_lease(in_flight: tuple[str, ...]) -> bytes:
-    """The lease a writer on this machine left when it was killed mid-upload."""
-    import subprocess
-    import sys
-
-    from ckptstore.ownership import Holder, machine_id
-
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        text=True,
-        capture_output=True,
-        check=True,
-    )
-    now = time.time()
-    return Holder(
-        writer="killed-writer",
-        host="this-machine",
-        pid=int(gone.stdout),
-        since=now - 60,
-        last_seen=now,
-        lease_seconds=60,
-        machine=machine_id(),
-        process_start="1",
-        in_flight=in_flight,
-    ).to_json()
 
 
 def test_a_dead_writers_leftovers_are_collected_by_the_next_writer(remote, state, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 import ckptstore
 from ckptstore.staging import parse_state_text
-from conftest import file_remote
+from conftest import dead_writers_lease, file_remote
 from faultfs import faulty_file_protocol
 
 FAST = ckptstore.RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.02)
@@ -84,6 +84,7 @@ def test_a_failed_orphan_sweep_is_raised_by_sync(faults, state, tmp_path):
         state.advance_to(1)
         m.save()
     remote.write("ckpt-9.index", b"left by a crash")
+    remote.write("ckptstore.lease.json", dead_writers_lease(("ckpt-9",)))
     faults.fail_when = lambda op, path: op == "rm" and "ckpt-9" in path
     m = make(state, remote, tmp_path / "a")
     state.advance_to(2)

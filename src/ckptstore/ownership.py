@@ -375,6 +375,10 @@ class Lease:
             holder=holder,
         )
 
+    def renewed_ago(self) -> float:
+        """Seconds since this process last wrote the lease successfully."""
+        return time.monotonic() - self._renewed_at
+
     def mark_in_flight(self, checkpoint: str) -> None:
         """Record on the remote, before the first byte changes, that ``checkpoint``'s files will.
 

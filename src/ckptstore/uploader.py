@@ -34,6 +34,7 @@ import collections
 import dataclasses
 import enum
 import logging
+import math
 import os
 import threading
 import time
@@ -427,8 +428,13 @@ class Uploader:
             self._lost = exc
             self._cond.notify_all()
 
-    def _ensure_held(self) -> None:
-        """Before any commit, deletion or state-file write: the run must still be ours."""
+    def _ensure_held(self, fresh_within: float = 0.0) -> None:
+        """Before any commit, deletion or state-file write: the run must still be ours.
+
+        ``fresh_within``: skip the renewal when the lease was written that many
+        seconds ago or less (a state-file write right after the commit's renewal).
+        Commits and deletions always renew.
+        """
         if self._abort.is_set():
             raise OwnershipError(
                 f"This manager was closed before its upload to {self.remote.url} finished; "
@@ -441,9 +447,10 @@ class Uploader:
             # take it now, before the first byte goes up (OwnershipError if taken).
             self._lease.acquire(force=self._takeover)
             return
-        # A conditional write of the lease, every time: one small request per commit,
-        # and a takeover that landed a moment ago is seen before this one acts.
-        self._lease.renew()
+        # A conditional write of the lease: one small request, and a takeover that
+        # landed a moment ago is seen before this process acts.
+        if fresh_within <= 0 or self._lease.renewed_ago() > fresh_within:
+            self._lease.renew()
 
     def _call(self, what: str, operation: Callable[[], object]) -> object:
         attempts = 0
@@ -549,7 +556,7 @@ class Uploader:
             list(listed), list(listed.values()), snap.last_preserved_timestamp
         )
         if text != self._last_state_text:
-            self._call("renew the writer lease", self._ensure_held)
+            self._call("renew the writer lease", lambda: self._ensure_held(fresh_within=0.5))
             self._call("write the state file", lambda: self.remote.write_state_text(text))
             self._last_state_text = text
 
@@ -568,7 +575,10 @@ class Uploader:
                 # checkpoint may still be the newest the remote can restore.
                 if newest_survivor is None or newest_survivor <= manifest.timestamp:
                     continue
-                self._call("renew the writer lease", self._ensure_held)
+                # Checks only (closed? lease taken?): mark_in_flight renews right after.
+                self._call(
+                    "renew the writer lease", lambda: self._ensure_held(fresh_within=math.inf)
+                )
                 if self._lease is not None:
                     # Listed while its data outlives its manifest: if this process dies
                     # mid-retirement, the next writer knows those files are leftovers.
