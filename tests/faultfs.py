@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import signal
 import threading
@@ -40,6 +41,9 @@ class Faults:
     kill_mid_write: Callable[[str], bool] | None = None
     #: the operation (op, path) raises PermissionError instead of running (op as for kill_when)
     fail_when: Callable[[str, str], bool] | None = None
+    #: get_file (a download into local staging) writes half of the file, then the local
+    #: disk is full: OSError(ENOSPC), as the kernel answers a write on a full disk
+    local_disk_full: bool = False
     puts: list[str] = dataclasses.field(default_factory=list)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -89,6 +93,14 @@ class FaultyLocalFileSystem(LocalFileSystem):
                 os.fsync(dst.fileno())
             _die()
         return super().put_file(lpath, rpath, callback=callback, **kwargs)
+
+    def get_file(self, rpath, lpath, callback=None, **kwargs):
+        if FAULTS.local_disk_full:
+            rpath = self._strip_protocol(rpath)
+            with open(rpath, "rb") as src, open(lpath, "wb") as dst:
+                dst.write(src.read(os.path.getsize(rpath) // 2))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), lpath)
+        return super().get_file(rpath, lpath, callback=callback, **kwargs)
 
     def open(self, path, mode="rb", **kwargs):
         path = self._strip_protocol(path)

@@ -291,3 +291,137 @@ def _assert_upload_streams(spec, tmp_path, part_size: int, limit: int = 16 * 102
     # PUT of the whole file (it fits in a 128 MiB part) would hold 96 MiB.
     assert growth < limit, f"peak RSS grew by {growth / 1e6:.1f} MB"
     assert len(spec.read("ckpt-1.data-00000-of-00001")) == 96 * 1024 * 1024
+
+
+@pytest.mark.parametrize("outage", ["refused", "resets"])
+def test_an_endpoint_down_at_start_is_named_within_seconds_and_given_up_on_in_time(
+    cloud, outage, tmp_path, caplog
+):
+    kind, server, proxy = cloud
+    # The clients as users run them: their own timeouts, and every retry of their own
+    # (without a budget this took 75 s on S3 and 260 s on GCS, with no word said).
+    spec = (
+        s3_remote(server, proxy.endpoint_url)
+        if kind == "s3"
+        else gcs_remote(server, proxy.endpoint_url)
+    )
+    if outage == "refused":
+        proxy.server_gone()
+    else:
+        proxy.set_failure_rate(1.0, ("reset",))
+    budget = 8.0
+    caplog.set_level(logging.WARNING, logger="ckptstore")
+    start = time.time()
+    with pytest.raises(ckptstore.RemoteUnavailableError) as info:
+        make(TrainState(), spec, tmp_path / "s", startup_timeout=budget)
+    took = time.time() - start
+    assert took < budget + 3, f"the constructor gave up after {took:.1f} s"
+    waiting = [r for r in caplog.records if r.levelno == logging.WARNING and spec.url in r.message]
+    assert waiting, [r.message for r in caplog.records]
+    assert waiting[0].created - start < 10
+    assert "startup_timeout=8" in waiting[0].message
+    message = str(info.value)
+    assert spec.url in message and "startup_timeout" in message and "did not finish" in message
+    for text in (message, *(r.message for r in caplog.records)):
+        assert "testing" not in text  # the S3 key and secret (credentials removed)
+
+    # Nothing of the manager that gave up is held: once the endpoint answers, a manager
+    # opened on the same staging directory writes the run.
+    proxy.server_back()
+    proxy.set_failure_rate(0.0)
+    state = TrainState()
+    with make(state, spec, tmp_path / "s") as m:
+        state.advance_to(1)
+        m.save()
+        assert m.is_writer
+    assert spec.manifests() == ["ckpt-1"]
+
+
+UPLOAD_AND_RESTORE = """
+import gc, json, sys
+sys.path.insert(0, sys.argv[4])
+import ckptstore
+from training import TrainState
+
+url, options, staging = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+state = TrainState(((1024, 1024, 3), (33,)))  # 12 MB: S3 multipart, GCS resumable
+try:
+    with ckptstore.CheckpointManager(state.checkpoint, url, 2, staging_dir=staging + "/w",
+                                     storage_options=options, when_behind="block") as m:
+        for step in (1, 2):
+            state.advance_to(step)
+            m.save()
+    reader = ckptstore.CheckpointManager(TrainState(((1024, 1024, 3), (33,))).checkpoint, url, 2,
+                                         staging_dir=staging + "/r", storage_options=options)
+    print("RESTORED", reader.latest_checkpoint, flush=True)
+except ckptstore.CkptStoreError as exc:  # the faults may win; the output is what is tested
+    print("FAILED", type(exc).__name__, flush=True)
+gc.collect()
+"""
+
+
+def test_a_link_that_resets_connections_leaves_no_unretrieved_task_exceptions(cloud, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    kind, server, proxy = cloud
+    spec = proxied(kind, server, proxy)
+    spec.storage_options.pop("requests_timeout", None)  # not JSON; the client's own is fine
+    proxy.set_failure_rate(0.3, ("reset",))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            UPLOAD_AND_RESTORE,
+            spec.url,
+            json.dumps(spec.storage_options),
+            str(tmp_path),
+            os.path.dirname(__file__),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "RESTORED" in out.stdout or "FAILED" in out.stdout, out.stderr[-3000:]
+    assert proxy.faults_injected["reset"] > 0, "no connection was reset: the test proves nothing"
+    assert "never retrieved" not in out.stderr, out.stderr[-5000:]
+
+
+def test_tasks_left_by_ckptstore_requests_are_retrieved_and_other_code_s_are_not(
+    s3_server, tmp_path, caplog
+):
+    import asyncio
+    import gc
+
+    import fsspec.asyn
+
+    with make(TrainState(), s3_remote(s3_server), tmp_path / "s"):
+        pass  # a manager on S3: ckptstore now uses fsspec's IO loop
+    loop = fsspec.asyn.get_loop()
+
+    async def request_leaving_a_task(whose: str) -> None:
+        async def fails() -> None:
+            raise ConnectionResetError(f"left behind by {whose}")
+
+        asyncio.get_running_loop().create_task(fails())  # never awaited, as aiohttp may
+        await asyncio.sleep(0.05)
+
+    caplog.set_level(logging.DEBUG)
+    ckptstore.RetryPolicy(attempts=1).call(
+        lambda: fsspec.asyn.sync(loop, request_leaving_a_task, "request-of-ours"),
+        is_transient=lambda exc: False,
+        what="a request",
+    )
+    fsspec.asyn.sync(loop, request_leaving_a_task, "request-of-other-code")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        gc.collect()
+        reported = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+        if any("request-of-other-code" in m for m in reported):
+            break
+        time.sleep(0.05)
+    assert any("never retrieved" in m and "request-of-other-code" in m for m in reported), reported
+    assert not any("request-of-ours" in m for m in reported), reported
+    ours = [r for r in caplog.records if r.name == "ckptstore" and "fails" in r.getMessage()]
+    assert ours and ours[0].levelno == logging.DEBUG

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 import ckptstore
-from conftest import file_remote
+from conftest import file_remote, open_manager
 from faultfs import faulty_file_protocol
+from training import TrainState
 
 FAST = ckptstore.RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.02)
 
@@ -146,3 +150,115 @@ def test_local_paths_that_only_resemble_a_protocol_stay_local(path, state, tmp_p
     state.advance_to(1)
     assert m.save().startswith(path.rstrip("/"))
     assert os.path.exists(os.path.join(tmp_path, path, "checkpoint"))
+
+
+def _keras_model():
+    import tensorflow as tf
+
+    model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def test_a_keras_model_as_the_checkpoint_is_refused_at_once_saying_what_to_pass(tmp_path):
+    remote = file_remote(tmp_path)
+    with pytest.raises(ckptstore.ConfigurationError) as info:
+        ckptstore.CheckpointManager(_keras_model(), remote.url, 3, staging_dir=str(tmp_path / "s"))
+    message = str(info.value)
+    assert "tf.train.Checkpoint(model=model, optimizer=model.optimizer)" in message
+    assert "Keras model (Sequential)" in message and remote.url in message
+    assert not (tmp_path / "s").exists() and remote.names() == []  # refused before anything
+
+
+@pytest.mark.parametrize("given", ["v1-checkpoint", "module", "none"])
+def test_anything_else_that_is_not_a_tf_train_checkpoint_is_refused_with_a_remote(given, tmp_path):
+    import tensorflow as tf
+
+    checkpoint = {
+        "v1-checkpoint": lambda: tf.compat.v1.train.Checkpoint(),  # no sync(): close() would fail
+        "module": lambda: tf.Module(),
+        "none": lambda: None,
+    }[given]()
+    with pytest.raises(ckptstore.ConfigurationError, match=r"Pass tf\.train\.Checkpoint\("):
+        ckptstore.CheckpointManager(checkpoint, "memory://x/y", 3, staging_dir=str(tmp_path))
+
+
+def test_local_mode_takes_a_keras_model_and_fails_at_save_as_tensorflow_does(tmp_path):
+    import tensorflow as tf
+
+    model = _keras_model()
+    theirs = tf.train.CheckpointManager(model, str(tmp_path / "tf"), 3)
+    ours = ckptstore.CheckpointManager(model, str(tmp_path / "ours"), 3)
+    with pytest.raises(AttributeError) as tf_said:
+        theirs.save()
+    with pytest.raises(AttributeError) as we_said:
+        ours.save()
+    assert str(we_said.value) == str(tf_said.value)
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_startup_timeout_must_be_positive(state, tmp_path, bad):
+    with pytest.raises(ckptstore.ConfigurationError, match="startup_timeout"):
+        ckptstore.CheckpointManager(
+            state.checkpoint, "memory://x/y", 3, staging_dir=str(tmp_path), startup_timeout=bad
+        )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a staging disk that really fills up (the kernel answers ENOSPC)."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command on this machine")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _committed_size(remote, name: str) -> int:
+    manifest = json.loads(remote.read(f"{name}.manifest.json"))
+    return sum(f["size"] for f in manifest["files"])
+
+
+def _assert_says_disk_full(err, remote, staging, needed: int) -> None:
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+    message = str(err)
+    assert str(staging) in message and f"{needed:,} bytes" in message
+    assert "staging_dir=" in message and remote.url in message
+    left = [n for n in os.listdir(staging) if "ckpt-1" in n]
+    assert left == [], f"a partial download was left behind: {left}"
+
+
+def test_restoring_onto_a_full_disk_names_the_staging_directory_the_size_and_the_fix(
+    remote, small_disk, tmp_path
+):
+    big = TrainState(((1024, 1024), (7,)))  # 4 MiB: twice the disk
+    with open_manager(big, remote, tmp_path / "writer") as m:
+        big.advance_to(1)
+        m.save()
+    reader = open_manager(TrainState(((1024, 1024), (7,))), remote, small_disk)
+    with reader as m, pytest.raises(ckptstore.StagingFullError) as info:
+        m.latest_checkpoint  # noqa: B018  (the download happens here)
+    _assert_says_disk_full(info.value, remote, small_disk, _committed_size(remote, "ckpt-1"))
+
+
+def test_a_full_staging_disk_is_named_where_no_small_disk_can_be_mounted(tmp_path):
+    remote = file_remote(tmp_path)
+    state = TrainState()
+    with open_manager(state, remote, tmp_path / "writer") as m:
+        state.advance_to(1)
+        m.save()
+    staging = tmp_path / "reader"
+    with faulty_file_protocol() as faults:
+        faults.local_disk_full = True
+        reader = open_manager(TrainState(), remote, staging, retry=FAST)
+        with reader as m, pytest.raises(ckptstore.StagingFullError) as info:
+            m.latest_checkpoint  # noqa: B018
+    _assert_says_disk_full(info.value, remote, staging, _committed_size(remote, "ckpt-1"))

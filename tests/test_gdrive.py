@@ -173,6 +173,24 @@ def test_a_bad_service_account_key_is_a_configuration_error_without_the_key(stat
     assert "not-a-real-key" not in str(err.value)
 
 
+@pytest.mark.parametrize("case", ["unknown folder id", "no credentials", "bad key", "no folder"])
+def test_every_drive_start_up_error_names_the_url_as_written(case, drive_server, state, tmp_path):
+    auth = {"google_auth": make_google_auth(drive_server)}
+    key = json.dumps({"type": "service_account", "private_key": "-----BEGIN not-a-real-key"})
+    url, options = {
+        "unknown folder id": ("gdrive://1NoSuchFolder/runs/run-7/", auth),
+        "no credentials": ("gdrive://root/runs/run-7", {}),
+        "bad key": ("gdrive://root/runs/run-7", {"use_service_account": True, "client_json": key}),
+        "no folder": ("gdrive://", auth),
+    }[case]
+    with pytest.raises(ckptstore.ConfigurationError) as err:
+        ckptstore.CheckpointManager(
+            state.checkpoint, url, 3, staging_dir=str(tmp_path), storage_options=options
+        )
+    assert repr(url) in str(err.value)
+    assert "not-a-real-key" not in str(err.value)
+
+
 def test_storage_options_reach_gdrivefilesystem_unchanged(remote, drive_server, state, tmp_path):
     m = manager(state, remote, tmp_path, storage_options={"acknowledge_abuse": True})
     try:
@@ -220,7 +238,10 @@ def test_the_state_file_is_updated_in_place_never_duplicated(drive_server, remot
     [last] = live(drive_server, remote, "checkpoint")
     assert last["id"] == first["id"]  # the same file, new content
     assert int(last["version"]) > int(first["version"])
-    assert not drive_server.find(title="checkpoint", trashed=True)
+    # In this run's folder: the server is shared by every test of the session.
+    assert not drive_server.find(
+        title="checkpoint", parent=folder_id(drive_server, remote), trashed=True
+    )
     assert 'model_checkpoint_path: "ckpt-5"' in remote.read("checkpoint").decode()
 
 

@@ -17,6 +17,7 @@ from ckptstore.errors import (
     OwnershipLost,
     RemoteUnavailableError,
     RestoreError,
+    StagingFullError,
     UploadError,
     VerificationError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "RemoteUnavailableError",
     "RestoreError",
     "RetryPolicy",
+    "StagingFullError",
     "UploadError",
     "UploadStatus",
     "VerificationError",

@@ -52,6 +52,15 @@ class RemoteUnavailableError(CkptStoreError, ConnectionError):
     """The remote could not be reached even after retrying."""
 
 
+class StagingFullError(CkptStoreError, OSError):
+    """The disk of the staging directory has no room for a checkpoint being downloaded.
+
+    An ``OSError`` with the ``errno`` the filesystem gave (``ENOSPC``, or ``EDQUOT``
+    for a quota); the message names the staging directory, the bytes the checkpoint
+    needs, and the fix. The partial download is removed before it is raised.
+    """
+
+
 class OwnershipError(CkptStoreError):
     """The run is written by another live process, so this one may not write it.
 

@@ -52,9 +52,14 @@ from ckptstore.remote import Remote
 from ckptstore.retry import RetryPolicy
 from ckptstore.staging import tf
 from ckptstore.staging_lock import StagingLock
+from ckptstore.startup import StartupBudget
 from ckptstore.uploader import BookSnapshot, Uploader, UploadRequest, UploadStatus, WhenBehind
 
 log = logging.getLogger("ckptstore")
+
+#: how long the first save() of a manager may wait for the remote (reading it, taking
+#: the lease) before it saves locally and leaves the rest to the background upload
+FIRST_SAVE_BUDGET_SECONDS = 10.0
 
 
 def _evaluate(value: Any) -> Any:
@@ -62,6 +67,32 @@ def _evaluate(value: Any) -> Any:
     if tf.executing_eagerly():
         return value.numpy()
     return tf.compat.v1.get_default_session().run(value)
+
+
+def _require_checkpoint(checkpoint: Any, shown_url: str) -> None:
+    """With a remote, refuse what is not a ``tf.train.Checkpoint`` before anything starts.
+
+    TensorFlow's manager takes any object and fails at the first ``save()`` (an
+    AttributeError); in local mode that stays so. With a remote the failure would
+    come later still, at ``save()`` and again when the uploads drain at exit.
+    """
+    if isinstance(checkpoint, tf.train.Checkpoint):
+        return
+    kind = type(checkpoint)
+    is_keras_model = any(
+        c.__name__ == "Model" and c.__module__.split(".")[0] in ("keras", "tf_keras")
+        for c in kind.__mro__
+    )
+    if is_keras_model:
+        what = f"a Keras model ({kind.__name__})"
+        fix = "tf.train.Checkpoint(model=model, optimizer=model.optimizer)"
+    else:
+        what = "None" if checkpoint is None else f"a {kind.__module__}.{kind.__qualname__}"
+        fix = "tf.train.Checkpoint(model=model, optimizer=optimizer) with what to save"
+    raise ConfigurationError(
+        f"ckptstore.CheckpointManager for {shown_url} manages a tf.train.Checkpoint, and "
+        f"was given {what}. Pass {fix} as its first argument."
+    )
 
 
 class CheckpointManager:
@@ -108,6 +139,11 @@ class CheckpointManager:
         lease_seconds: how long a writer that stopped renewing its lease keeps
             the run (default 60). Another process's ``save()`` takes the run over
             only after that; a writer that died on this machine is replaced at once.
+        startup_timeout: seconds the constructor may spend reading the remote (what it
+            holds, and who writes it) before it raises
+            :class:`~ckptstore.RemoteUnavailableError` (default 60; ``None``: as long as
+            the retries take). After 5 s without an answer it logs a WARNING naming the
+            URL and how long it keeps trying.
 
     One run has one writer. A manager opened on a URL whose writer is alive (an
     evaluator, a second notebook) reads it: it restores, never writes, and its
@@ -138,6 +174,7 @@ class CheckpointManager:
         read_only: bool = False,
         takeover: bool = False,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        startup_timeout: float | None = 60.0,
     ):
         # TensorFlow's checks and attributes first, in TensorFlow's order.
         self._checkpoint = checkpoint
@@ -166,6 +203,9 @@ class CheckpointManager:
         self._lock = threading.RLock()
         self._redactor = Redactor(str(directory), storage_options)
         self._retry = retry or RetryPolicy()
+        self._startup = StartupBudget(
+            self._redactor.url, startup_timeout, describe=self._redactor.describe
+        )
         self._uploader: Uploader | None = None
         self._remote: Remote | None = None
         self._restorable: str | None = None  # verified local prefix behind latest_checkpoint
@@ -214,19 +254,28 @@ class CheckpointManager:
             self._book.recover(staging.read_state_file(directory))
             return
 
-        self._open_remote(
-            staging_dir,
-            storage_options,
-            max_to_keep=max_to_keep,
-            keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
-            max_pending_uploads=max_pending_uploads,
-            when_behind=WhenBehind(when_behind),
-            upload_concurrency=upload_concurrency,
-            upload_part_size=upload_part_size,
-            read_only=read_only,
-            takeover=takeover,
-            lease_seconds=lease_seconds,
-        )
+        _require_checkpoint(checkpoint, self._redactor.url)
+        try:
+            self._open_remote(
+                staging_dir,
+                storage_options,
+                max_to_keep=max_to_keep,
+                keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+                max_pending_uploads=max_pending_uploads,
+                when_behind=WhenBehind(when_behind),
+                upload_concurrency=upload_concurrency,
+                upload_part_size=upload_part_size,
+                read_only=read_only,
+                takeover=takeover,
+                lease_seconds=lease_seconds,
+            )
+        except BaseException:
+            # A manager that failed to open holds no staging directory, even while
+            # something keeps it alive (a notebook's last traceback, a start-up read
+            # abandoned in its thread): the next one opened there may write.
+            if self._uploader is None and getattr(self, "_staging_lock", None) is not None:
+                self._staging_lock.release()
+            raise
 
     def _open_remote(
         self,
@@ -287,8 +336,16 @@ class CheckpointManager:
         if self._staging_lock.held:
             for leftover in staging.remove_partial_writes(self._staging_dir):
                 log.info("Removed %s, a write interrupted by a crash", leftover)
-        view = restore.read_remote(
-            self._remote, self._retry, self._redactor, checkpoint_name=self._checkpoint_name
+        view = self._startup.run(
+            "listing it and reading its manifests",
+            lambda: restore.read_remote(
+                self._remote,
+                self._retry,
+                self._redactor,
+                checkpoint_name=self._checkpoint_name,
+                stop=self._startup.expired,
+                on_failure=self._startup.failed,
+            ),
         )
         plan = restore.plan_resume(view, self._staging_dir)
         if self._staging_lock.held:
@@ -303,7 +360,10 @@ class CheckpointManager:
         if self._staging_lock.held:
             self._book.write_state_file()
 
-        holder, _ = self._call_remote("read the writer lease on", self._lease.read)
+        holder, _ = self._startup.run(
+            "reading its writer lease",
+            lambda: self._call_remote("read the writer lease on", self._lease.read),
+        )
         live = judge(holder) == Liveness.ALIVE
         if self._not_writer_because is None and (takeover or (plan.to_upload and not live)):
             # Checkpoints of a dead predecessor wait in staging: this is its successor.
@@ -361,8 +421,24 @@ class CheckpointManager:
                 f"This manager was opened with read_only=True and never writes "
                 f"{self._redactor.url}; open one without it to save."
             )
-        view, plan = self._read_plan()
-        self._become_writer(view, plan)
+        # The first save() must not hang on the network either: a bounded look at the
+        # remote, and if it cannot be had, the view from when the manager opened.
+        budget = StartupBudget(
+            self._redactor.url, FIRST_SAVE_BUDGET_SECONDS, describe=self._redactor.describe
+        )
+        try:
+            view, plan = budget.run("reading it before the first save", self._read_plan)
+        except CkptStoreError as exc:
+            log.warning(
+                "ckptstore: %s The checkpoint is saved locally; it is uploaded once the "
+                "remote answers (sync() raises until then).",
+                exc,
+            )
+            view = restore.RemoteView([], dict(self._committed_view), None, {})
+            plan = restore.ResumePlan(None, dict(self._committed_view), [], [], set())
+            self._become_writer(view, plan, budget)
+            return
+        self._become_writer(view, plan, budget)
         if set(plan.committed) != set(self._committed_view) or plan.to_upload:
             # The remote moved on while this manager only read it (the previous
             # writer committed more): manage what is there now. Otherwise the book
@@ -387,13 +463,25 @@ class CheckpointManager:
             self._committed_view = dict(plan.committed)
             self._restorable = None
 
-    def _become_writer(self, view: restore.RemoteView, plan: restore.ResumePlan) -> None:
+    def _become_writer(
+        self,
+        view: restore.RemoteView,
+        plan: restore.ResumePlan,
+        budget: StartupBudget | None = None,
+    ) -> None:
         """Take the lease, then do what only the writer may: adopt, resume, retire, tidy."""
         assert self._remote is not None
+        budget = budget or self._startup
         try:
-            self._call_remote("create the remote directory", self._remote.prepare)
-            self._call_remote(
-                "take the writer lease on", lambda: self._lease.acquire(force=self._takeover)
+            budget.run(
+                "creating its directory",
+                lambda: self._call_remote("create the remote directory", self._remote.prepare),
+            )
+            budget.run(
+                "taking its writer lease",
+                lambda: self._call_remote(
+                    "take the writer lease on", lambda: self._lease.acquire(force=self._takeover)
+                ),
             )
         except OwnershipError:
             raise

@@ -16,18 +16,24 @@ uploader's and the restorer's job.
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import os
 import posixpath
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ckptstore import ioloop
 from ckptstore import manifest as mf
 from ckptstore.backends.base import Backend
 from ckptstore.backends.local import TEMP_MARKER
-from ckptstore.errors import ManifestError, VerificationError
+from ckptstore.errors import ManifestError, StagingFullError, VerificationError
 from ckptstore.manifest import FileEntry, Manifest
 
 STATE_FILE = "checkpoint"
+#: what a full disk (or a full quota) answers a write with
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class Remote:
@@ -38,6 +44,7 @@ class Remote:
         self.fs = backend.fs
         self.root = root
         self.url = shown_url  # credential-free, for messages
+        ioloop.install_for(self.fs)
 
     def __repr__(self) -> str:
         return f"Remote({self.url!r}, backend={self.backend!r})"
@@ -78,8 +85,11 @@ class Remote:
 
         if not checkpoints:
             return {}
+        # Each read in the caller's context (a copy each: one context runs in one thread).
+        contexts = [contextvars.copy_context() for _ in checkpoints]
         with ThreadPoolExecutor(max_workers=min(16, len(checkpoints))) as pool:
-            return dict(zip(checkpoints, pool.map(read, checkpoints)))
+            found = pool.map(lambda c, name: c.run(read, name), contexts, checkpoints)
+            return dict(zip(checkpoints, found))
 
     def read_state_text(self) -> str | None:
         try:
@@ -156,10 +166,17 @@ class Remote:
         """
         tmp_suffix = f"{TEMP_MARKER}{os.getpid()}"
         placed: list[tuple[str, str]] = []
+        free = _free_bytes(staging_dir)
         try:
             for entry in manifest.files:
                 tmp = os.path.join(staging_dir, entry.name + tmp_suffix)
-                self.backend.download(self.path(entry.name), tmp, entry)
+                try:
+                    self.backend.download(self.path(entry.name), tmp, entry)
+                except Exception as exc:
+                    full = _out_of_space(exc)
+                    if full is None:
+                        raise
+                    raise _staging_full(full, manifest, self.url, staging_dir, free) from exc
                 got = mf.hash_file(tmp, entry.name)
                 if got.size != entry.size or got.crc32c != entry.crc32c:
                     raise VerificationError(
@@ -178,6 +195,40 @@ class Remote:
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         return os.path.join(staging_dir, manifest.checkpoint)
+
+
+def _free_bytes(directory: str) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _out_of_space(exc: BaseException) -> OSError | None:
+    """The "disk full" behind ``exc`` (ENOSPC, EDQUOT), however a client wrapped it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _staging_full(
+    cause: OSError, manifest: Manifest, url: str, staging_dir: str, free: int | None
+) -> StagingFullError:
+    needed = sum(entry.size for entry in manifest.files)
+    had = f"{free:,} bytes were free" if free is not None else "its free space is unknown"
+    return StagingFullError(
+        cause.errno,
+        f"{os.strerror(cause.errno)} in the staging directory {staging_dir}: restoring "
+        f"{manifest.checkpoint} from {url} needs {needed:,} bytes there (the checkpoint's "
+        f"size) and {had} before the download. Nothing was restored and the partial download "
+        "was removed. Free space on that disk, or pass staging_dir= a directory on a disk "
+        "with room for it.",
+    )
 
 
 def _all_shards_present(checkpoint: str, files: list[str]) -> bool:

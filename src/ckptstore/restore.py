@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -79,9 +80,18 @@ def _entries_of(state: staging.CheckpointState) -> dict[str, float]:
 
 
 def read_remote(
-    remote: Remote, retry: RetryPolicy, redactor: Redactor, *, checkpoint_name: str = "ckpt"
+    remote: Remote,
+    retry: RetryPolicy,
+    redactor: Redactor,
+    *,
+    checkpoint_name: str = "ckpt",
+    stop: threading.Event | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
 ) -> RemoteView:
     """List the remote and read its manifests and state file; write nothing.
+
+    ``stop``, once set, ends the retrying at its next pause (the caller gave up);
+    ``on_failure`` is told of each failed attempt.
 
     Raises:
         RemoteUnavailableError: the remote cannot be listed even after retrying.
@@ -96,6 +106,8 @@ def read_remote(
             is_transient=remote.backend.is_transient,
             what=f"{what} {remote.url}",
             scrub=redactor.scrub,
+            stop=stop,
+            on_failure=on_failure,
         )
 
     try:

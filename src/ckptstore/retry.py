@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from ckptstore import ioloop
+
 log = logging.getLogger("ckptstore")
 T = TypeVar("T")
 
@@ -22,8 +24,11 @@ T = TypeVar("T")
 class RetryPolicy:
     """How hard to try one storage operation before reporting it failed.
 
-    The defaults ride out about a minute of outage (0.5 + 1 + 2 + 4 + 8 + 16 s,
-    jittered) before a checkpoint's upload is reported failed at ``sync()``.
+    The defaults try 7 times, pausing 0.5 + 1 + 2 + 4 + 8 + 16 s between attempts
+    (each jittered down to as little as half: 16 to 32 s in all) before a checkpoint's
+    upload is reported failed at ``sync()``. Each attempt also includes the client
+    library's own retries, which can take far longer than the pauses (a refused port:
+    about 10 s per attempt with s3fs, 35 to 50 s with gcsfs).
     """
 
     attempts: int = 7
@@ -42,13 +47,20 @@ class RetryPolicy:
         what: str,
         stop: threading.Event | None = None,
         scrub: Callable[[str], str] = str,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> T:
-        """Run ``operation``; retry it while what it raises ``is_transient``."""
+        """Run ``operation``; retry it while what it raises ``is_transient``.
+
+        ``on_failure`` is told of every failed attempt (to report the last one elsewhere).
+        """
         delay = self.initial_delay
         for attempt in range(1, self.attempts + 1):
             try:
-                return operation()
+                with ioloop.ours():  # its requests' leftover tasks are ckptstore's (ioloop.py)
+                    return operation()
             except Exception as exc:
+                if on_failure is not None:
+                    on_failure(exc)
                 if attempt == self.attempts or not is_transient(exc):
                     raise
                 pause = min(delay, self.max_delay) * random.uniform(0.5, 1.0)

@@ -69,6 +69,7 @@ from typing import Any
 from ckptstore.backends.base import Backend
 from ckptstore.errors import ConfigurationError
 from ckptstore.manifest import FileEntry
+from ckptstore.redaction import redact_url
 
 FOLDER_MIME = "application/vnd.google-apps.folder"
 #: Bytes per ranged GET on download: httplib2 keeps each response body in memory.
@@ -120,25 +121,28 @@ class DriveBackend(Backend):
         from pydrive2.fs import GDriveFileSystem
         from pydrive2.fs.spec import GDriveAuthError
 
+        shown = redact_url(url)
         start, root = split_drive_url(url)
         if not start:
             raise ConfigurationError(
-                "gdrive:// needs a folder, e.g. gdrive://root/ckpts/run-7 (My Drive/ckpts/run-7) "
-                "or gdrive://<folder id>/run-7"
+                f"{shown!r} names no folder: gdrive:// needs one, e.g. gdrive://root/ckpts/run-7 "
+                "(My Drive/ckpts/run-7) or gdrive://<folder id>/run-7"
             )
         try:
             fs = GDriveFileSystem(start, **dict(storage_options))
         except ValueError as exc:  # pydrive2: "Specify credentials using one of these methods"
-            raise ConfigurationError(f"{exc}. For gdrive://, {_CREDENTIAL_HELP}") from None
+            raise ConfigurationError(
+                f"No credentials for {shown!r} ({exc}). For gdrive://, {_CREDENTIAL_HELP}"
+            ) from None
         except GDriveAuthError as exc:
             cause = exc.__cause__
             detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
             raise ConfigurationError(
-                f"Google Drive authentication failed ({detail}). Check the credentials in "
-                f"storage_options; {_CREDENTIAL_HELP}"
+                f"Google Drive authentication failed for {shown!r} ({detail}). Check the "
+                f"credentials in storage_options; {_CREDENTIAL_HELP}"
             ) from None
         if start not in ("root", "appDataFolder"):
-            _check_start_folder(fs, start)
+            _check_start_folder(fs, start, shown)
         return cls(fs), root
 
     @property
@@ -340,14 +344,14 @@ class DriveBackend(Backend):
         self.fs._gdrive_get_file(chosen["id"], local_path, block_size=DOWNLOAD_CHUNK)
 
 
-def _check_start_folder(fs: Any, folder_id: str) -> None:
+def _check_start_folder(fs: Any, folder_id: str, shown_url: str) -> None:
     """Fail now, and say why, when the folder id at the start of the URL is not visible."""
     try:
         _ = fs._list_params  # pydrive2 looks the id up here (and whether it is a shared drive)
     except PermissionError:
         raise ConfigurationError(
-            f"Google Drive folder {folder_id!r} (the first part of the gdrive:// URL) was not "
-            "found or this account cannot see it. Use the id from the folder's address "
+            f"{shown_url!r}: Google Drive folder {folder_id!r} (the first part of the URL) was "
+            "not found or this account cannot see it. Use the id from the folder's address "
             "(drive.google.com/drive/folders/<id>) and share the folder with the account "
             "(for a service account, with its client_email), or start the URL with root/ "
             "for My Drive."

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import errno
 import logging
 import os
@@ -208,7 +209,10 @@ class S3Backend(Backend):
                 except BaseException as exc:
                     errors.append(exc)
 
-        senders = [threading.Thread(target=send, daemon=True) for _ in range(self.concurrency)]
+        senders = [  # in the caller's context: the requests are its (ckptstore.ioloop)
+            threading.Thread(target=contextvars.copy_context().run, args=(send,), daemon=True)
+            for _ in range(self.concurrency)
+        ]
         for t in senders:
             t.start()
         try:
