@@ -351,7 +351,7 @@ class CheckpointManager:
         if self._staging_lock.held:
             # Staging is this process's (its lock says no other live process uses it):
             # copies of checkpoints nobody manages any more go. The remote is untouched.
-            restore._drop_unmanaged_staged(self._staging_dir, plan.managed)
+            restore.drop_unmanaged_staged(self._staging_dir, plan.managed)
         self._committed_view = dict(plan.committed)
         self._book = staging.CheckpointBook(
             self._staging_dir, max_to_keep, keep_checkpoint_every_n_hours

@@ -48,7 +48,6 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
 
 from ckptstore.backends.base import PreconditionFailed
 from ckptstore.errors import OwnershipError, OwnershipLost
@@ -206,7 +205,7 @@ class Lease:
         lease = Lease(remote, lease_seconds=60, redactor=Redactor(url))
         holder = lease.read()            # who writes, if anyone (no write)
         lease.acquire()                  # raises OwnershipError if someone alive does
-        lease.ensure_held()              # before each commit or delete
+        lease.renew()                    # before each commit or delete
         lease.release()                  # at close()
     """
 
@@ -397,16 +396,6 @@ class Lease:
         with self._lock:
             self._in_flight.discard(checkpoint)
 
-    def ensure_held(self) -> None:
-        """Before a commit or a deletion: prove the lease is still ours (renew if due)."""
-        with self._lock:
-            if self.lost is not None:
-                raise self.lost
-            if self._record is None:
-                raise OwnershipError(f"This manager does not write {self.remote.url}.")
-            if time.monotonic() - self._renewed_at >= self.lease_seconds / 4:
-                self.renew()
-
     def _start_heartbeat(self) -> None:
         if self._heartbeat is not None and self._heartbeat.is_alive():
             return
@@ -456,12 +445,3 @@ class Lease:
                 )
             finally:
                 self._record = None
-
-    def snapshot(self) -> dict[str, Any]:
-        """For status and logs: whether we hold it and since when."""
-        with self._lock:
-            return {
-                "held": self.held,
-                "writer": self.writer_id,
-                "lost": str(self.lost) if self.lost else None,
-            }

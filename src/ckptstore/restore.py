@@ -246,7 +246,7 @@ def adopt(remote: Remote, adoptable: dict[str, Manifest]) -> None:
         log.info("Adopted %s, written by TensorFlow, on %s", checkpoint, remote.url)
 
 
-def _drop_unmanaged_staged(staging_dir: str, managed: set[str]) -> None:
+def drop_unmanaged_staged(staging_dir: str, managed: set[str]) -> None:
     """Delete staged copies of checkpoints ckptstore staged and nobody manages any more.
 
     They are left when a process dies between retiring a checkpoint and

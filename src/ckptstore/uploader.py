@@ -18,9 +18,9 @@ for the upkeep too: a retirement, state-file write or orphan sweep that failed
 is raised at ``sync()`` and tried again at the next one.
 
 Only the run's writer has an uploader, and every commit, deletion and
-state-file write first proves the writer still holds the run
-(:meth:`ckptstore.ownership.Lease.ensure_held`). A writer that lost the run
-stops all remote work and ``sync()`` raises :class:`OwnershipLost`.
+state-file write first proves the writer still holds the run (a conditional
+write of its lease, :meth:`ckptstore.ownership.Lease.renew`). A writer that
+lost the run stops all remote work and ``sync()`` raises :class:`OwnershipLost`.
 
 Back-pressure: at most ``max_pending`` checkpoints wait behind the one in
 flight. When a save would exceed that, :attr:`WhenBehind.SKIP` drops the oldest
@@ -174,7 +174,6 @@ class Uploader:
         extra_versions: dict[str, str],
         lease: Any = None,
         takeover: bool = False,
-        collect_orphans: bool = True,
     ):
         self.remote = remote
         #: the run's writer lease (ckptstore.ownership.Lease); None only in unit tests
@@ -209,7 +208,7 @@ class Uploader:
         self._abort = threading.Event()  # set by a close that timed out: cut backoffs short
         self._closed = False
         self._lost: OwnershipError | None = None  # the run was taken over: do no remote work
-        self._orphans_due = collect_orphans
+        self._orphans_due = True  # a new writer collects its predecessor's leftovers once
         #: upkeep that failed ("write the state file", ...) -> error, raised by sync()
         self._upkeep_failures: dict[str, BaseException] = {}
         self._upkeep_unreported: dict[str, BaseException] = {}

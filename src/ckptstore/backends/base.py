@@ -133,10 +133,15 @@ class Backend:
         :meth:`_refused`), and its version is returned.
         """
         with self._cas_lock:
-            current = self.read_versioned(path)
-            if (current[1] if current is not None else None) != expected:
-                return self._refused(path, data)
-            self.write_atomic(path, data)
+            return self._compare_and_write(path, data, expected)
+
+    def _compare_and_write(self, path: str, data: bytes, expected: str | None) -> str:
+        """Read, compare, write: atomic only while the caller holds a lock that excludes
+        every other writer of ``path`` (a process lock here, ``flock`` in LocalBackend)."""
+        current = self.read_versioned(path)
+        if (current[1] if current is not None else None) != expected:
+            return self._refused(path, data)
+        self.write_atomic(path, data)
         return content_version(data)
 
     def _refused(self, path: str, data: bytes) -> str:

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ckptstore import mounts
-from ckptstore.backends.base import Backend, content_version
+from ckptstore.backends.base import Backend
 from ckptstore.manifest import FileEntry
 
 try:
@@ -96,11 +96,7 @@ class LocalBackend(Backend):
             return super().write_if(path, data, expected)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # a key needs no directory
         with _flocked(f"{path}.lock"):
-            current = self.read_versioned(path)
-            if (current[1] if current is not None else None) != expected:
-                return self._refused(path, data)
-            self.write_atomic(path, data)
-        return content_version(data)
+            return self._compare_and_write(path, data, expected)
 
     def write_atomic(self, path: str, data: bytes) -> None:
         # Through the filesystem object (not raw open/os.replace), so whatever the
