@@ -23,7 +23,6 @@ Two modes, chosen from the arguments:
 
 from __future__ import annotations
 
-import atexit
 import copy
 import logging
 import numbers
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore import __version__, backends, mounts, restore, staging
+from ckptstore import __version__, backends, exit_drain, mounts, restore, staging
 from ckptstore.errors import (
     CkptStoreError,
     ConfigurationError,
@@ -914,20 +913,7 @@ class CheckpointManager:
 
 
 def _drain_at_exit(manager: CheckpointManager) -> None:
-    """At interpreter exit, finish the uploads of a manager nobody closed.
-
-    The worker is a daemon thread (it must never keep a crashed script alive),
-    so without this a script that ends right after its last ``save()`` would
-    exit before that checkpoint reached the remote.
-
-    The drain must run *before* Python shuts down ``concurrent.futures``' thread
-    pools: s3fs (through aiobotocore) and others send requests through one, and
-    once it is shut down every request fails with "cannot schedule new futures
-    after shutdown". ``atexit`` handlers run after that shutdown; the hooks of
-    ``threading._register_atexit`` (where ``concurrent.futures`` registers its
-    own shutdown) run before it, latest first, so the drain is registered there.
-    It is a private hook of CPython 3.9+; without it, ``atexit`` is the fallback.
-    """
+    """At interpreter exit, finish the uploads of a manager nobody closed (:mod:`exit_drain`)."""
     ref = weakref.ref(manager)
 
     def drain() -> None:
@@ -958,10 +944,4 @@ def _drain_at_exit(manager: CheckpointManager) -> None:
             if waiting:
                 log.warning("ckptstore: %s committed to %s", ", ".join(waiting), m._redactor.url)
 
-    register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is None:
-            raise RuntimeError("no threading._register_atexit")
-        register(drain)
-    except RuntimeError:  # absent, or the interpreter is already shutting down
-        atexit.register(drain)
+    exit_drain.register(drain)

@@ -1,10 +1,19 @@
-"""The manifest: what a committed checkpoint consists of, and proof of each byte.
+"""The manifest: what a committed artifact consists of, and proof of each byte.
 
-A checkpoint exists for a reader only once its manifest is stored beside its
-data (``<prefix>.manifest.json``, e.g. ``ckpt-7.manifest.json``). The manifest
-lists every file of the checkpoint with its size and CRC32C (the checksum GCS
-and S3 keep natively; MD5 is added where a backend only keeps that), plus the
-checkpoint number, step, timestamp, writer and versions.
+An *artifact* is a set of files under one name: a TensorFlow checkpoint
+(``ckpt-7.index``, ``ckpt-7.data-*``), a SavedModel (``saved_model.pb``,
+``variables/...``, ``assets/...``) or a Keras file (``model-03.keras``). It
+exists for a reader only once its manifest is stored beside its data
+(``<name>.manifest.json``: ``ckpt-7.manifest.json``, ``model-03.keras.manifest.json``,
+``saved_model.manifest.json`` inside an export directory). The manifest lists
+every file with its size and CRC32C (the checksum GCS and S3 keep natively; MD5
+is added where a backend only keeps that), plus number, step, timestamp,
+writer and versions.
+
+Format versions: 1 (checkpoints only: flat names ``<prefix>.<suffix>``) and 2
+(adds ``kind``, relative paths inside the artifact, and ``metadata``). Checkpoint
+manifests are still written as version 1, so an older ckptstore reads runs
+written by this one; SavedModels and Keras files need version 2.
 
 A manifest read from a remote is untrusted input: :meth:`Manifest.from_json`
 rejects malformed JSON, unknown format versions, names that could escape the
@@ -33,8 +42,23 @@ import crc32c
 from ckptstore.errors import ManifestError
 
 FORMAT = "ckptstore.manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written for SavedModels and Keras files
+CHECKPOINT_FORMAT_VERSION = 1  # written for checkpoints: older ckptstore versions read it
+READABLE_VERSIONS = (1, 2)
 MANIFEST_SUFFIX = ".manifest.json"
+
+#: artifact kinds (``Manifest.kind``)
+CHECKPOINT = "checkpoint"
+SAVED_MODEL = "saved_model"
+KERAS = "keras"
+KINDS = (CHECKPOINT, SAVED_MODEL, KERAS)
+#: the name of a SavedModel artifact inside its export directory
+SAVED_MODEL_NAME = "saved_model"
+#: a Keras file overwritten under its own name goes up under this side name first
+#: (``best.keras.ckptstore-next``), so a committed copy exists at every instant
+KERAS_NEXT_SUFFIX = ".ckptstore-next"
+#: where relative paths inside an artifact stop (a SavedModel's assets may nest)
+MAX_PATH_DEPTH = 32
 
 # Bounds on untrusted input. No real TensorFlow checkpoint comes near them; a
 # manifest that does is corrupt or hostile, and acting on it (allocating,
@@ -55,7 +79,7 @@ _SESSION = uuid.uuid4().hex
 
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
-    """One file of a checkpoint, named relative to the checkpoint's directory."""
+    """One file of an artifact, named by its relative POSIX path under the remote root."""
 
     name: str
     size: int
@@ -65,22 +89,36 @@ class FileEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """Everything a reader needs to trust a committed checkpoint."""
+    """Everything a reader needs to trust a committed artifact."""
 
-    checkpoint: str  # prefix name, e.g. "ckpt-7"
+    checkpoint: str  # the artifact's name: "ckpt-7", "model-03.keras", "saved_model"
     number: int | None
     step: int | None
     timestamp: float  # the time TensorFlow's state file records for this checkpoint
     files: tuple[FileEntry, ...]
     writer: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    kind: str = CHECKPOINT
+    #: what the artifact's format keeps with it (a Keras monitor's best value, ...)
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    def local_name(self, entry: FileEntry) -> str:
+        """Where ``entry`` goes under a local directory: its stored name, except the side
+        copy of a Keras file (``best.keras.ckptstore-next``), which is the file itself."""
+        if self.kind == KERAS:
+            return self.checkpoint
+        return entry.name
+
     def to_json(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "checkpoint": self.checkpoint,
@@ -94,6 +132,11 @@ class Manifest:
             "writer": self.writer,
             "versions": self.versions,
         }
+        if self.kind == CHECKPOINT and not self.metadata:
+            doc["format_version"] = CHECKPOINT_FORMAT_VERSION  # exactly what version 1 wrote
+        else:
+            doc["kind"] = self.kind
+            doc["metadata"] = self.metadata
         return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
 
     @classmethod
@@ -115,10 +158,16 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ManifestError(f"{where} is not a ckptstore manifest (no format={FORMAT!r})")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS or isinstance(version, bool):
             raise ManifestError(
-                f"{where} has format_version {version!r}; this ckptstore reads version "
-                f"{FORMAT_VERSION}. Upgrade ckptstore to read it."
+                f"{where} has format_version {version!r}; this ckptstore reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade ckptstore to read it."
+            )
+        kind = doc.get("kind", CHECKPOINT) if version >= 2 else CHECKPOINT
+        if kind not in KINDS:
+            raise ManifestError(
+                f"{where} describes a {kind!r}; this ckptstore knows {', '.join(KINDS)}. "
+                "Upgrade ckptstore to read it."
             )
         checkpoint = _require(doc, "checkpoint", str, where)
         _check_checkpoint_name(checkpoint, where)
@@ -127,10 +176,12 @@ class Manifest:
         raw_files = _require(doc, "files", list, where)
         if not raw_files or len(raw_files) > MAX_FILES:
             raise ManifestError(f"{where} lists {len(raw_files)} files (expected 1..{MAX_FILES})")
+        if kind == KERAS and len(raw_files) != 1:
+            raise ManifestError(f"{where} lists {len(raw_files)} files for one Keras file")
         files = []
         seen = set()
         for raw in raw_files:
-            entry = _parse_entry(raw, checkpoint, where)
+            entry = _parse_entry(raw, checkpoint, kind, where)
             if entry.name in seen:
                 raise ManifestError(f"{where} lists {entry.name!r} twice")
             seen.add(entry.name)
@@ -146,6 +197,8 @@ class Manifest:
             files=tuple(files),
             writer=doc.get("writer") if isinstance(doc.get("writer"), dict) else {},
             versions=doc.get("versions") if isinstance(doc.get("versions"), dict) else {},
+            kind=kind,
+            metadata=doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {},
         )
 
 
@@ -169,21 +222,43 @@ def _check_checkpoint_name(name: str, where: str) -> None:
         raise ManifestError(f"{where} names checkpoint {name!r}, which is not a plain file prefix")
 
 
-def _parse_entry(raw: Any, checkpoint: str, where: str) -> FileEntry:
+def is_safe_relative_path(path: Any) -> bool:
+    """Whether ``path`` is a relative POSIX path that stays inside its directory.
+
+    Segments are separated by ``/`` only; none may be empty, ``.`` or ``..``, and
+    no character may be a backslash, a drive colon or a control character. So
+    joining it under any directory, on POSIX or Windows, cannot leave that
+    directory.
+    """
+    if not isinstance(path, str) or not path or path.startswith("/"):
+        return False
+    if any(c in path for c in "\\:") or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return False
+    segments = path.split("/")
+    return len(segments) <= MAX_PATH_DEPTH and all(s not in ("", ".", "..") for s in segments)
+
+
+def _belongs(name: Any, checkpoint: str, kind: str) -> bool:
+    if not is_safe_relative_path(name):
+        return False
+    if kind == CHECKPOINT:
+        # Checkpoint files are flat siblings named "<prefix>.<suffix>".
+        return "/" not in name and name.startswith(checkpoint + ".")
+    if kind == KERAS:
+        return name in (checkpoint, checkpoint + KERAS_NEXT_SUFFIX)
+    # A SavedModel's files are anything under its export directory but ckptstore's own.
+    return not name.endswith(MANIFEST_SUFFIX)
+
+
+def _parse_entry(raw: Any, checkpoint: str, kind: str, where: str) -> FileEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where} has a file entry that is not an object")
     name = raw.get("name")
-    # Checkpoint files are flat siblings named "<prefix>.<suffix>"; anything with
-    # a separator, a drive, or a parent reference could escape the directory.
-    if (
-        not isinstance(name, str)
-        or any(c in name for c in "/\\\x00:")
-        or os.path.isabs(name)
-        or name in (".", "..")
-        or not name.startswith(checkpoint + ".")
-    ):
+    # Anything with a backslash, a drive, a parent reference or an absolute path could
+    # escape the directory it is downloaded into.
+    if not _belongs(name, checkpoint, kind):
         raise ManifestError(
-            f"{where} names file {name!r}, which escapes or does not belong to the checkpoint "
+            f"{where} names file {name!r}, which escapes or does not belong to the {kind} "
             f"directory; the manifest is rejected"
         )
     size = raw.get("size")
@@ -299,20 +374,90 @@ def describe(
         raise ManifestError(
             f"{checkpoint!r} in {directory} has no .index file: it is not a complete checkpoint"
         )
-    files = tuple(hash_file(os.path.join(directory, n), n, with_md5=with_md5) for n in names)
+    return describe_files(
+        directory,
+        checkpoint,
+        names,
+        kind=CHECKPOINT,
+        number=number,
+        step=step,
+        timestamp=timestamp,
+        with_md5=with_md5,
+        extra_versions=extra_versions,
+    )
+
+
+def describe_files(
+    directory: str,
+    name: str,
+    files: list[str],
+    *,
+    kind: str,
+    number: int | None = None,
+    step: int | None = None,
+    timestamp: float,
+    with_md5: bool = False,
+    extra_versions: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    stored_names: dict[str, str] | None = None,
+) -> Manifest:
+    """Hash ``files`` (relative POSIX paths under ``directory``) into an artifact's manifest.
+
+    ``stored_names`` maps a local file to the name it is stored under on the
+    remote, where the two differ (the side copy of an overwritten Keras file).
+
+    Raises:
+        ManifestError: a path that could escape the directory, or that does not
+            belong to an artifact of this kind.
+    """
+    stored_names = stored_names or {}
+    entries = []
+    for local in files:
+        stored = stored_names.get(local, local)
+        if not _belongs(stored, name, kind) or not is_safe_relative_path(local):
+            raise ManifestError(f"{local!r} cannot be a file of the {kind} {name!r}")
+        path = os.path.join(directory, *local.split("/"))
+        entries.append(hash_file(path, stored, with_md5=with_md5))
     from ckptstore import __version__
 
     versions = {"ckptstore": __version__, "python": platform.python_version()}
     versions.update(extra_versions or {})
     return Manifest(
-        checkpoint=checkpoint,
+        checkpoint=name,
         number=number,
         step=step,
         timestamp=timestamp,
-        files=files,
+        files=tuple(entries),
         writer={"host": socket.gethostname(), "pid": os.getpid(), "session": _SESSION},
         versions=versions,
+        kind=kind,
+        metadata=dict(metadata or {}),
     )
+
+
+def tree_files(directory: str) -> list[str]:
+    """Every regular file under ``directory`` as a relative POSIX path, sorted.
+
+    Symbolic links are refused rather than followed: an export that links
+    outside itself is not something to upload as its own bytes.
+
+    Raises:
+        ManifestError: a symbolic link, or a name no remote can hold safely.
+    """
+    found = []
+    for parent, dirs, names in os.walk(directory):
+        for entry in dirs + names:
+            if os.path.islink(os.path.join(parent, entry)):
+                raise ManifestError(
+                    f"{os.path.join(parent, entry)} is a symbolic link; ckptstore uploads "
+                    "regular files only"
+                )
+        for entry in names:
+            rel = os.path.relpath(os.path.join(parent, entry), directory).replace(os.sep, "/")
+            if not is_safe_relative_path(rel):
+                raise ManifestError(f"{rel!r} in {directory} is not a name ckptstore can store")
+            found.append(rel)
+    return sorted(found)
 
 
 def manifest_name(checkpoint: str) -> str:

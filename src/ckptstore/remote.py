@@ -8,6 +8,11 @@ local checkpoint directory, plus one manifest per committed checkpoint::
     <root>/ckpt-7.manifest.json              the commit: written last, deleted first
     <root>/checkpoint                        TensorFlow's state file, committed checkpoints only
 
+SavedModels and Keras files are artifacts under the same rules
+(:mod:`ckptstore.artifact`): a Keras file ``model-03.keras`` sits at the URL the
+user gave with ``model-03.keras.manifest.json`` beside it; a SavedModel export
+directory holds TensorFlow's tree and ``saved_model.manifest.json``.
+
 Keeping TensorFlow's names means plain ``tf.train.Checkpoint.restore`` works on
 the remote (where TensorFlow can read the protocol) and on a copy of it. Every
 call here is one step of the data path; retrying, ordering and deciding are the
@@ -45,6 +50,7 @@ class Remote:
         self.root = root
         self.url = shown_url  # credential-free, for messages
         ioloop.install_for(self.fs)
+        self._made_dirs: set[str] = set()  # parents of nested files created so far
 
     def __repr__(self) -> str:
         return f"Remote({self.url!r}, backend={self.backend!r})"
@@ -63,6 +69,21 @@ class Remote:
             return []
         # A set: on Google Drive several files may share one title.
         return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries})
+
+    def list_tree(self) -> list[str]:
+        """Relative paths of every object under the root, at any depth (fresh, not cached)."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return []
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        names = set()
+        for path in found:
+            path = self.fs._strip_protocol(str(path))
+            if path.startswith(root):
+                names.add(path[len(root) :])
+        return sorted(names)
 
     @staticmethod
     def committed_names(names: list[str]) -> list[str]:
@@ -104,7 +125,19 @@ class Remote:
         self.backend.make_dirs(self.root)
 
     def upload(self, local_path: str, entry: FileEntry, callback: Any = None) -> None:
+        if "/" in entry.name and self.backend.needs_parent_dirs:
+            parent = self.path(posixpath.dirname(entry.name))
+            if parent not in self._made_dirs:
+                self.backend.make_dirs(parent)
+                self._made_dirs.add(parent)
         self.backend.upload(local_path, self.path(entry.name), entry, callback)
+
+    def copy(self, source: str, entry: FileEntry) -> bool:
+        """Copy the stored object ``source`` to ``entry.name`` inside the service.
+
+        Returns ``False`` where the filesystem cannot copy (the caller uploads).
+        """
+        return self.backend.copy_within(self.path(source), self.path(entry.name))
 
     def verify(self, entry: FileEntry) -> None:
         """Raise VerificationError unless the stored object matches ``entry``."""
@@ -130,6 +163,13 @@ class Remote:
     def delete_data(self, names: list[str]) -> None:
         for name in names:
             self.backend.remove(self.path(name))
+        # Directories a nested artifact left empty (only filesystems that have them).
+        parents = {posixpath.dirname(n) for n in names if "/" in n}
+        for parent in sorted(parents, key=lambda p: -p.count("/")):
+            while parent:
+                if not self.backend.remove_empty_dir(self.path(parent)):
+                    break
+                parent = posixpath.dirname(parent)
 
     def data_files_of(self, checkpoint: str, names: list[str]) -> list[str]:
         return [n for n in names if mf.checkpoint_of_data_file(n) == checkpoint]
@@ -169,7 +209,8 @@ class Remote:
         free = _free_bytes(staging_dir)
         try:
             for entry in manifest.files:
-                tmp = os.path.join(staging_dir, entry.name + tmp_suffix)
+                tmp = local_path(staging_dir, manifest.local_name(entry)) + tmp_suffix
+                os.makedirs(os.path.dirname(tmp), exist_ok=True)
                 try:
                     self.backend.download(self.path(entry.name), tmp, entry)
                 except Exception as exc:
@@ -183,7 +224,7 @@ class Remote:
                         f"{self.url}/{entry.name} does not match its manifest "
                         f"(size {got.size} vs {entry.size}, crc32c {got.crc32c} vs {entry.crc32c})"
                     )
-                placed.append((tmp, os.path.join(staging_dir, entry.name)))
+                placed.append((tmp, local_path(staging_dir, manifest.local_name(entry))))
             for tmp, final in placed:
                 os.replace(tmp, final)
         finally:
@@ -191,10 +232,23 @@ class Remote:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             for entry in manifest.files:
-                leftover = os.path.join(staging_dir, entry.name + tmp_suffix)
+                leftover = local_path(staging_dir, manifest.local_name(entry)) + tmp_suffix
                 if os.path.exists(leftover):
                     os.unlink(leftover)
         return os.path.join(staging_dir, manifest.checkpoint)
+
+
+def local_path(directory: str, name: str) -> str:
+    """``name`` (a relative POSIX path a manifest vouched for) under a local directory.
+
+    Manifests reject paths that could escape; this checks once more, on the
+    joined path, because a download must never write outside its directory.
+    """
+    path = os.path.normpath(os.path.join(directory, *name.split("/")))
+    base = os.path.normpath(directory)
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise VerificationError(f"{name!r} would be written outside {directory}; refused")
+    return path
 
 
 def _free_bytes(directory: str) -> int | None:
@@ -247,10 +301,11 @@ def _all_shards_present(checkpoint: str, files: list[str]) -> bool:
 def local_copy_matches(manifest: Manifest, staging_dir: str) -> bool:
     """Whether ``staging_dir`` already holds exactly the files ``manifest`` lists."""
     for entry in manifest.files:
-        path = os.path.join(staging_dir, entry.name)
+        path = local_path(staging_dir, manifest.local_name(entry))
         if not os.path.isfile(path) or os.path.getsize(path) != entry.size:
             return False
     for entry in manifest.files:
-        if mf.hash_file(os.path.join(staging_dir, entry.name), entry.name).crc32c != entry.crc32c:
+        path = local_path(staging_dir, manifest.local_name(entry))
+        if mf.hash_file(path, entry.name).crc32c != entry.crc32c:
             return False
     return True

@@ -327,3 +327,75 @@ def fetch_restorable(
             + ". Nothing was loaded. Inspect the remote, or start a fresh run in another directory."
         )
     return None
+
+
+def fetch_artifact(
+    remote: Remote,
+    name: str,
+    local_dir: str,
+    retry: RetryPolicy,
+    redactor: Redactor,
+) -> Manifest | None:
+    """Download a committed artifact (a SavedModel, a Keras file) into ``local_dir``, verified.
+
+    The same restore path as checkpoints: the manifest says what exists, every
+    file is checked against it before anything is handed to TensorFlow or Keras,
+    and a copy already in ``local_dir`` that matches is not downloaded again.
+    Returns the manifest, or ``None`` when ``name`` has no committed manifest.
+
+    Raises:
+        RestoreError: the stored files do not match the manifest (tampered,
+            truncated, or deleted since it was committed); nothing is loaded.
+        RemoteUnavailableError: the remote cannot be read, even after retrying.
+    """
+    from ckptstore.publisher import read_committed  # the publisher imports this module
+
+    def call(what: str, operation: Callable[[], T]) -> T:
+        return retry.call(
+            operation,
+            is_transient=remote.backend.is_transient,
+            what=f"{what} ({remote.url})",
+            scrub=redactor.scrub,
+        )
+
+    try:
+        manifest = read_committed(remote, name, call)
+        if manifest is None:
+            return None
+        if local_copy_matches(manifest, local_dir):
+            return manifest
+        call(f"download {name}", lambda: remote.download_verified(manifest, local_dir))
+    except (VerificationError, FileNotFoundError) as exc:
+        problem = "a file it lists is missing" if isinstance(exc, FileNotFoundError) else str(exc)
+        raise RestoreError(
+            f"{remote.url}: the committed {name} does not match its manifest ({problem}); "
+            "nothing was loaded. It was changed after ckptstore committed it: save it again, "
+            "or load an earlier copy."
+        ) from None
+    except (RestoreError, ManifestError):
+        raise
+    except Exception as exc:
+        if not remote.backend.is_transient(exc):
+            raise
+        raise RemoteUnavailableError(
+            f"Cannot download {name} from {remote.url}: {redactor.describe(exc)}. "
+            "Nothing was loaded; retry when the remote is reachable."
+        ) from None
+    return manifest
+
+
+def why_not_committed(remote: Remote, name: str, found: list[str]) -> str:
+    """Why ``name`` has no committed manifest, for an error message.
+
+    ``found`` is what the remote holds where the artifact would be.
+    """
+    from ckptstore.publisher import pending_name, read_pending
+
+    if pending_name(name) in found or read_pending(remote, name) is not None:
+        return (
+            "an upload by ckptstore was interrupted before its commit (the process stopped "
+            "mid-upload); save it again to the same place to replace it"
+        )
+    if found:
+        return "it holds files ckptstore did not write (no manifest vouches for them)"
+    return "nothing is stored there"

@@ -39,12 +39,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from fsspec.callbacks import Callback
 
+from ckptstore import artifact, staging
 from ckptstore import manifest as mf
-from ckptstore import staging
 from ckptstore.backends.local import TEMP_MARKER
 from ckptstore.errors import OwnershipError, UploadError
 from ckptstore.manifest import Manifest
@@ -54,42 +54,6 @@ from ckptstore.remote import Remote
 from ckptstore.retry import RetryPolicy
 
 log = logging.getLogger("ckptstore")
-T = TypeVar("T")
-
-
-def run_in_threads(work: Callable[[T], None], items: list[T], limit: int) -> None:
-    """Run ``work`` on every item with at most ``limit`` threads; re-raise the first error.
-
-    Written by hand instead of using ``concurrent.futures``: that module refuses
-    new work once interpreter shutdown has begun, which is exactly when the
-    exit drain uploads a script's last checkpoint.
-    """
-    todo = list(items)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not todo or errors:
-                    return
-                item = todo.pop(0)
-            try:
-                work(item)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-    threads = [
-        threading.Thread(target=worker, name="ckptstore-put", daemon=True)
-        for _ in range(max(1, min(limit, len(items))))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 class WhenBehind(str, enum.Enum):
@@ -503,17 +467,19 @@ class Uploader:
                     del self._committed[name]
                 self._write_state()
 
-            def send(entry: mf.FileEntry) -> None:
-                local = os.path.join(self.staging_dir, entry.name)
-                progress = _SentBytes(self)
-                self._call(
-                    f"upload {entry.name}", lambda: self.remote.upload(local, entry, progress)
-                )
-                self._call(f"verify {entry.name}", lambda: self.remote.verify(entry))
+            def verified(entry: mf.FileEntry) -> None:
                 with self._cond:
                     self._bytes_uploaded += entry.size
 
-            run_in_threads(send, list(manifest.files), self._concurrency)
+            artifact.upload_verified(
+                self.remote,
+                manifest,
+                self.staging_dir,
+                call=self._call,
+                concurrency=self._concurrency,
+                progress=lambda: _SentBytes(self),
+                on_verified=verified,
+            )
             self._call("renew the writer lease", self._ensure_held)
             self._call(f"commit {name}", lambda: self.remote.commit(manifest))
             with self._cond:
@@ -585,11 +551,7 @@ class Uploader:
                         "record the retirement in the writer lease",
                         lambda n=name: self._lease.mark_in_flight(n),
                     )
-                self._call(f"retire {name}", lambda n=name: self.remote.uncommit(n))
-                self._call(
-                    f"delete {name}",
-                    lambda m=manifest: self.remote.delete_data([f.name for f in m.files]),
-                )
+                artifact.retire(self.remote, manifest, call=self._call)
                 if self._lease is not None:
                     self._lease.mark_done(name)
                 changed = True

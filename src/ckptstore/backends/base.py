@@ -52,6 +52,9 @@ class Backend:
     transient_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     #: bytes per part (or chunk) where the backend uploads in parts, unless the user says
     default_part_size = 8 * 1024 * 1024
+    #: Whether a nested file (a SavedModel's ``variables/...``) needs its directory made
+    #: first: object stores have flat keys, filesystems and Drive have folders.
+    needs_parent_dirs = True
 
     def __init__(self, fs: AbstractFileSystem):
         self.fs = fs
@@ -165,6 +168,30 @@ class Backend:
         """Delete one object; a missing one is not an error."""
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
+
+    def copy_within(self, source: str, target: str) -> bool:
+        """Copy one stored object to another name inside the service (no download).
+
+        Returns ``False`` where the filesystem cannot (the caller uploads instead).
+        """
+        try:
+            self.fs.cp_file(source, target)
+        except NotImplementedError:
+            return False
+        return True
+
+    def remove_empty_dir(self, path: str) -> bool:
+        """Remove a directory a retired artifact left empty; ``False`` if it is not empty.
+
+        Object stores have no directories: nothing to do there (they override this).
+        """
+        try:
+            if self.fs.ls(path, detail=False):
+                return False
+            self.fs.rmdir(path)
+        except (FileNotFoundError, NotImplementedError, OSError):
+            return False
+        return True
 
     def download(self, remote_path: str, local_path: str, entry: FileEntry) -> None:
         """Copy the object ``entry`` describes to ``local_path`` (checked by the caller)."""

@@ -71,6 +71,7 @@ class GCSBackend(Backend):
     transient_errors = (ConnectionError, TimeoutError, asyncio.TimeoutError)
     default_part_size = 50 * 1024 * 1024  # gcsfs's chunk size: few round trips per file
     conditional_writes = "atomic"
+    needs_parent_dirs = False  # flat keys
 
     def read_versioned(self, path: str) -> tuple[bytes, str] | None:
         try:
@@ -194,3 +195,6 @@ class GCSBackend(Backend):
         if isinstance(crc, str) and (value := base64_to_hex(crc)) is not None and len(value) == 8:
             return ("crc32c", value)
         return None
+
+    def remove_empty_dir(self, path: str) -> bool:
+        return False  # flat keys: no directory to remove

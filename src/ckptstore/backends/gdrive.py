@@ -226,6 +226,11 @@ class DriveBackend(Backend):
         # with the same title: remove them so exactly this one remains.
         self._keep_only(remote_path, item["id"])
 
+    def copy_within(self, source: str, target: str) -> bool:
+        # pydrive2's cp_file reads the whole file into memory and leaves duplicate
+        # titles behind: upload the staged copy again instead.
+        return False
+
     def write_atomic(self, path: str, data: bytes) -> None:
         items = self._items(path)
         if len(items) == 1:

@@ -80,6 +80,7 @@ def _s3_error_code(exc: BaseException) -> str | None:
 class S3Backend(Backend):
     transient_errors = (ConnectionError, TimeoutError, asyncio.TimeoutError)
     conditional_writes = "atomic"
+    needs_parent_dirs = False  # flat keys
 
     def __init__(self, fs: Any):
         super().__init__(fs)
@@ -285,3 +286,6 @@ class S3Backend(Backend):
             self._expected.pop(path, None)  # kept until now: a retried verify needs it too
             return None
         return self._verify_by_reading_back(path, entry)
+
+    def remove_empty_dir(self, path: str) -> bool:
+        return False  # flat keys: no directory to remove
