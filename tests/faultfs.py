@@ -115,6 +115,11 @@ class FaultyLocalFileSystem(LocalFileSystem):
         self._check("mv", self._strip_protocol(path2))
         return super().mv(path1, path2, *args, **kwargs)
 
+    def cp_file(self, path1, path2, **kwargs):
+        # "cp" names the destination, as "mv" does.
+        self._check("cp", self._strip_protocol(path2))
+        return super().cp_file(path1, path2, **kwargs)
+
     def rm_file(self, path):
         path = self._strip_protocol(path)
         if FAULTS.refuse_writes:

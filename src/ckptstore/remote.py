@@ -169,6 +169,7 @@ class Remote:
             while parent:
                 if not self.backend.remove_empty_dir(self.path(parent)):
                     break
+                self._made_dirs.discard(self.path(parent))  # an upload there makes it again
                 parent = posixpath.dirname(parent)
 
     def data_files_of(self, checkpoint: str, names: list[str]) -> list[str]:
