@@ -66,3 +66,26 @@ def test_a_script_that_ends_without_close_commits_its_last_save(kind, how, reque
     ) as m:
         fresh.checkpoint.restore(m.latest_checkpoint)
     assert fresh.matches_step(7)
+
+
+PUBLISH_CHILD = os.path.join(os.path.dirname(__file__), "publish_exit_child.py")
+
+
+@pytest.mark.parametrize("how", ["end", "raise"])
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_script_that_ends_right_after_saving_a_model_file_commits_it(
+    kind, how, request, tmp_path
+):
+    spec, options = remote_for(kind, request, tmp_path)
+    out = subprocess.run(
+        [sys.executable, PUBLISH_CHILD, spec.url + "/model.keras", how, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "saved" in out.stdout, out.stderr[-3000:]
+    assert out.returncode == EXIT_CODES[how], out.stderr[-3000:]
+    assert "finishing the upload" in out.stderr, out.stderr[-3000:]
+    assert sorted(spec.names()) == ["model.keras", "model.keras.manifest.json"]
+    manifest = json.loads(spec.read("model.keras.manifest.json"))
+    assert manifest["files"][0]["size"] == 48 << 20
