@@ -332,6 +332,10 @@ def read_committed(
     remote: Remote, name: str, call: Callable[[str, Callable[[], Any]], Any]
 ) -> Manifest | None:
     """The committed manifest of ``name``, or ``None`` (missing, or unreadable: warned)."""
+    # fsspec clients answer "does it exist" from a cached listing of the directory when
+    # they have one (s3fs, gcsfs): a process that listed the directory before another
+    # process committed there would be told the manifest does not exist.
+    remote.fs.invalidate_cache(remote.path(mf.manifest_name(name)))
     try:
         return call(f"read the manifest of {name}", lambda: remote.read_manifest(name))
     except FileNotFoundError:
