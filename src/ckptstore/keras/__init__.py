@@ -17,6 +17,6 @@ Mirrors Keras 3 (the one TensorFlow 2.21 ships)::
 
 from ckptstore.keras.backup import BackupAndRestore
 from ckptstore.keras.checkpoint import ModelCheckpoint
-from ckptstore.keras.saving import load_model, save_model
+from ckptstore.keras.saving import load_model, load_weights, save_model
 
-__all__ = ["BackupAndRestore", "ModelCheckpoint", "load_model", "save_model"]
+__all__ = ["BackupAndRestore", "ModelCheckpoint", "load_model", "load_weights", "save_model"]
