@@ -27,6 +27,8 @@ from fsspec.implementations.local import LocalFileSystem
 class Faults:
     #: put_file waits for this event before copying (makes "upload still running" deterministic)
     gate: threading.Event | None = None
+    #: put_file of a path waits for the event this returns for it (None: no wait)
+    hold: Callable[[str], threading.Event | None] | None = None
     #: seconds each put_file sleeps before copying (a slow link)
     put_delay: float = 0.0
     #: the next N put_file calls raise ConnectionError (transient)
@@ -83,6 +85,9 @@ class FaultyLocalFileSystem(LocalFileSystem):
             raise PermissionError(13, "injected: the remote refuses writes", rpath)
         if FAULTS.gate is not None:
             FAULTS.gate.wait()
+        held = FAULTS.hold(rpath) if FAULTS.hold is not None else None
+        if held is not None:
+            held.wait()
         if FAULTS.put_delay:
             time.sleep(FAULTS.put_delay)
         self._check("put", rpath)
@@ -100,7 +105,8 @@ class FaultyLocalFileSystem(LocalFileSystem):
             with open(rpath, "rb") as src, open(lpath, "wb") as dst:
                 dst.write(src.read(os.path.getsize(rpath) // 2))
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), lpath)
-        return super().get_file(rpath, lpath, callback=callback, **kwargs)
+        # LocalFileSystem downloads with cp_file: a read of the remote, not a "cp" onto it.
+        return LocalFileSystem.cp_file(self, rpath, lpath, **kwargs)
 
     def open(self, path, mode="rb", **kwargs):
         path = self._strip_protocol(path)

@@ -933,3 +933,19 @@ def test_tf_compat_v1_graph_and_session_like_tensorflow(tmp_path, clock):
     assert len(actual) == len(expected)
     saved = [result for what, result, _ in actual if what.startswith("save at step")]
     assert saved == ["ckpt-1", None, "ckpt-2", None, "ckpt-3", None]  # the interval, in a session
+
+
+def test_a_ckptstore_manager_is_a_tensorflow_manager(tmp_path):
+    """TensorFlow's own code branches on isinstance (PreemptionCheckpointHandler does)."""
+    import tensorflow as tf
+
+    import ckptstore
+
+    ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
+    local = ckptstore.CheckpointManager(ckpt, str(tmp_path / "local"), max_to_keep=1)
+    remote = ckptstore.CheckpointManager(
+        ckpt, f"file://{tmp_path}/remote", max_to_keep=1, staging_dir=str(tmp_path / "s")
+    )
+    for manager in (local, remote):
+        assert isinstance(manager, tf.train.CheckpointManager)
+    remote.close()

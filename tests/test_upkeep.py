@@ -160,3 +160,35 @@ def test_a_remote_that_keeps_failing_keeps_staging_bounded(faults, state, tmp_pa
     fresh.sync()  # the next manager uploads what is still staged and managed
     assert "ckpt-8" in remote.manifests()
     fresh.close()
+
+
+def test_retired_checkpoints_go_once_any_newer_one_is_committed(faults, state, tmp_path):
+    """Saves faster than the link: every upload finishes after the next save retired it.
+
+    Retirement used to wait for a newer checkpoint that retention still kept; when
+    each one was retired before its upload ended, none ever qualified, and every
+    committed checkpoint stayed on the remote until the run slowed down.
+    """
+    remote = file_remote(tmp_path)
+    released = {n: threading.Event() for n in ("ckpt-1", "ckpt-3", "ckpt-4")}
+    faults.hold = lambda path: released.get(os.path.basename(path).split(".")[0])
+    m = make(state, remote, tmp_path / "s", max_pending_uploads=1)
+    for step in (1, 2, 3):  # ckpt-1 uploading; ckpt-2 retired while queued, ckpt-3 queued
+        state.advance_to(step)
+        m.save()
+    released["ckpt-1"].set()
+    deadline = time.monotonic() + 30
+    while not any(p.startswith("ckpt-3.") for p in faults.puts):
+        assert time.monotonic() < deadline, "ckpt-3's upload never started"
+        time.sleep(0.01)
+    state.advance_to(4)
+    m.save()  # retires ckpt-3 while it uploads
+    released["ckpt-3"].set()
+    while not any(p.startswith("ckpt-4.") for p in faults.puts):  # ckpt-3 committed, retired
+        assert time.monotonic() < deadline, "ckpt-4's upload never started"
+        time.sleep(0.01)
+    assert remote.manifests() == ["ckpt-3"]  # ckpt-1 went as soon as ckpt-3 was committed
+    released["ckpt-4"].set()
+    m.sync()
+    assert remote.manifests() == ["ckpt-4"]
+    m.close()

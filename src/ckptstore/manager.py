@@ -23,6 +23,7 @@ Two modes, chosen from the arguments:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import numbers
@@ -37,7 +38,16 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore import __version__, backends, exit_drain, mounts, restore, staging
+from ckptstore import (
+    __version__,
+    backends,
+    distribution,
+    exit_drain,
+    mounts,
+    preemption,
+    restore,
+    staging,
+)
 from ckptstore.errors import (
     CkptStoreError,
     ConfigurationError,
@@ -94,8 +104,14 @@ def _require_checkpoint(checkpoint: Any, shown_url: str) -> None:
     )
 
 
-class CheckpointManager:
+class CheckpointManager(tf.train.CheckpointManager):
     """Manages checkpoints like ``tf.train.CheckpointManager``, on any fsspec remote.
+
+    A subclass of TensorFlow's class, so it is accepted wherever TensorFlow's code
+    checks for one (``tf.distribute.experimental.PreemptionCheckpointHandler``
+    branches on ``isinstance``). TensorFlow's ``__init__`` is deliberately not
+    called: it reads and writes the directory with TensorFlow's file API, which
+    knows none of these URLs; every public member is ckptstore's own.
 
     Example::
 
@@ -210,6 +226,10 @@ class CheckpointManager:
         self._restorable: str | None = None  # verified local prefix behind latest_checkpoint
         self._restorable_for: str | None = None  # the book's latest it was resolved for
         self._closed = False
+        self._role = distribution.SINGLE
+        self._worker_dir: str | None = None  # a non-chief worker's workertemp_<task_id>
+        self._worker_lock: Any = None  # held on a non-chief worker's private directory
+        self._exit_deadline: float | None = None  # a preempted process must be gone by then
         if max_pending_uploads < 1:
             raise ConfigurationError("max_pending_uploads must be at least 1")
 
@@ -254,6 +274,16 @@ class CheckpointManager:
             return
 
         _require_checkpoint(checkpoint, self._redactor.url)
+        self._role = distribution.role_of(checkpoint, self._redactor.url)
+        if self._role.multi_worker and self._role.chief:
+            # TensorFlow names one chief per cluster: a chief restarted on another machine
+            # replaces the dead one at once, rather than failing its first save() (and
+            # hanging every other worker) until the old lease expires.
+            takeover = True
+        if self._role.multi_worker and not self._role.chief:
+            # TensorFlow's chief writes; this worker only takes part in each save and
+            # restores what the chief committed (distribution.py).
+            read_only = True
         try:
             self._open_remote(
                 staging_dir,
@@ -318,7 +348,13 @@ class CheckpointManager:
         )
         self._staging_lock = StagingLock(self._staging_dir)
         self._not_writer_because: str | None = None
-        if read_only:
+        worker = self._role.multi_worker and not self._role.chief
+        if worker:
+            self._not_writer_because = (
+                f"this is worker {self._role.task_id} of a {self._role.strategy} cluster, and "
+                "only the chief writes"
+            )
+        elif read_only:
             self._not_writer_because = "it was opened with read_only=True"
         elif not self._staging_lock.acquire():
             self._not_writer_because = (
@@ -329,7 +365,14 @@ class CheckpointManager:
         if not self._staging_lock.held:
             # Never write into a staging directory another live process owns:
             # downloads go to a private one, removed when this manager goes.
-            self._staging_dir = staging.private_staging_dir(self._redactor.url)
+            if worker:
+                # On the disk this worker was told to stage on (staging_dir=, else the
+                # default), inside it, locked while this manager lives.
+                self._staging_dir, self._worker_lock = distribution.worker_staging_dir(
+                    self._staging_dir, self._role.task_id
+                )
+            else:
+                self._staging_dir = staging.private_staging_dir(self._redactor.url)
             weakref.finalize(self, shutil.rmtree, self._staging_dir, ignore_errors=True)
 
         if self._staging_lock.held:
@@ -346,7 +389,11 @@ class CheckpointManager:
                 on_failure=self._startup.failed,
             ),
         )
-        plan = restore.plan_resume(view, self._staging_dir)
+        plan = restore.plan_resume(
+            view, self._staging_dir, resume_staged=not self._role.multi_worker
+        )
+        if worker:
+            self._worker_dir = os.path.join(self._staging_dir, f"workertemp_{self._role.task_id}")
         if self._staging_lock.held:
             # Staging is this process's (its lock says no other live process uses it):
             # copies of checkpoints nobody manages any more go. The remote is untouched.
@@ -371,13 +418,16 @@ class CheckpointManager:
             self._not_writer_because = f"{holder.describe()} writes it"
         if self._not_writer_because is not None and holder is not None and live:
             # Once per manager. A warning unless reading is what was asked for.
+            why = " (read_only=True)" if read_only else ""
+            if worker:
+                why = f" ({self._not_writer_because})"
             log.log(
                 logging.INFO if read_only else logging.WARNING,
                 "ckptstore: %s is written by %s; this manager reads it: it restores but "
                 "never writes there%s.",
                 self._redactor.url,
                 holder.describe(),
-                " (read_only=True)" if read_only else "",
+                why,
             )
         if plan.to_upload and self._uploader is None and self._staging_lock.held:
             log.warning(
@@ -452,7 +502,9 @@ class CheckpointManager:
         view = restore.read_remote(
             self._remote, self._retry, self._redactor, checkpoint_name=self._checkpoint_name
         )
-        return view, restore.plan_resume(view, self._staging_dir)
+        return view, restore.plan_resume(
+            view, self._staging_dir, resume_staged=not self._role.multi_worker
+        )
 
     def _refresh_view(self) -> None:
         """A reader's second look at the remote: manage what is committed now."""
@@ -604,7 +656,8 @@ class CheckpointManager:
             raise RuntimeError("This CheckpointManager is closed; create a new one to save.")
         session = None if tf.executing_eagerly() else self._graph_session()
         # Before anything changes (counter, files): a manager that may not write says so.
-        self._ensure_writer()
+        if self._worker_dir is None:
+            self._ensure_writer()
         if self._checkpoint_interval is not None:
             current_step = _evaluate(self._step_counter)
             if self._last_checkpoint_step is not None:
@@ -641,6 +694,8 @@ class CheckpointManager:
             os.path.join(self._staging_dir, self._checkpoint_name),
             checkpoint_number,
         )
+        if self._worker_dir is not None:
+            return self._write_as_worker(prefix, options)
         step = self._step_for_manifest()
         number = int(checkpoint_number)
 
@@ -659,7 +714,83 @@ class CheckpointManager:
         if self._remote is not None:
             # Journaled before TensorFlow writes a byte: staging deletes only what it staged.
             staging.record_staged(self._staging_dir, [os.path.basename(prefix)])
-        return self._checkpoint.write(prefix, options=options)
+        save_path = self._checkpoint.write(prefix, options=options)
+        if self._uploader is not None and preemption.in_preemption_save():
+            self._commit_before_exit(os.path.basename(prefix))
+        return save_path
+
+    def _write_as_worker(self, prefix: str, options: Any) -> str:
+        """A worker that is not the chief: TensorFlow's write, in its own directory, then gone.
+
+        Every worker takes part in the write (variables are all-reduced while
+        saving); only the chief's copy is uploaded. TensorFlow's convention puts a
+        worker's copy in ``workertemp_<task_id>`` and deletes it after. The
+        caller's options go to TensorFlow as given: its write callbacks see this
+        copy, as they would under TensorFlow's convention; nothing is recorded or
+        queued for upload.
+        """
+        assert self._worker_dir is not None
+        os.makedirs(self._worker_dir, exist_ok=True)
+        try:
+            save_path = self._checkpoint.write(
+                os.path.join(self._worker_dir, os.path.basename(prefix)), options=options
+            )
+            self._checkpoint.sync()  # an async write must finish before its files go
+        finally:
+            shutil.rmtree(self._worker_dir, ignore_errors=True)
+        return save_path
+
+    def _commit_before_exit(self, name: str) -> None:
+        """TensorFlow's preemption handler saved: commit before it ends the process.
+
+        Bounded by the handler's grace period where it has one; when the upload
+        cannot make it, say so (the previous commit stays the restorable one).
+        """
+        assert self._uploader is not None
+        deadline = preemption.grace_deadline()
+        if self._exit_deadline is not None:
+            # With a grace period the handler saves twice. A SIGTERM that came again in
+            # between makes TensorFlow record a later signal time (in local mode); the
+            # platform's deadline is still the first one's.
+            deadline = min(deadline or self._exit_deadline, self._exit_deadline)
+        self._exit_deadline = deadline
+        left = preemption.seconds_left(deadline)
+        log.warning(
+            "ckptstore: preempted; committing %s to %s before the process exits%s.",
+            name,
+            self._redactor.url,
+            "" if left is None else f" (grace period: {left:.1f} s left)",
+        )
+        started = time.monotonic()
+        finished = self._uploader.wait(left)
+        committed = self._uploader.committed()
+        if name in committed:  # committed, even if upkeep after it (the state file) is not done
+            log.warning(
+                "ckptstore: %s committed to %s in %.1f s.",
+                name,
+                self._redactor.url,
+                time.monotonic() - started,
+            )
+            return
+        restorable = max(committed.values(), key=lambda m: m.timestamp, default=None)
+        failure = self._uploader.status().failed.get(name)
+        if failure is not None:
+            why = f"(its upload failed: {failure})"
+        elif finished:
+            why = "(it was not uploaded; sync() says why)"
+        else:
+            why = "within the grace period"
+        log.error(
+            "ckptstore: the preemption checkpoint %s could not be committed to %s %s; %s. It "
+            "stays staged in %s, and the next manager on that staging directory uploads it.",
+            name,
+            self._redactor.url,
+            why,
+            f"{restorable.checkpoint} stays the restorable one"
+            if restorable is not None
+            else "nothing is committed there yet",
+            self._staging_dir,
+        )
 
     def _graph_session(self) -> Any:
         """The tf.compat.v1 session a graph-mode ``save()`` runs in, or why there is none.
@@ -726,6 +857,68 @@ class CheckpointManager:
             self._uploader.raise_failures()
 
     # --- ckptstore's additions ---------------------------------------------------------
+
+    def delete_all(self, *, timeout: float | None = None) -> None:
+        """Delete every checkpoint of the run, and TensorFlow's state file, when nobody needs them.
+
+        For a run that is over (``ckptstore.keras.BackupAndRestore`` calls it at the end
+        of a successful ``fit()``, as Keras deletes its backup). Saves made before
+        this call and still waiting to upload are dropped (they would be deleted right
+        after); the upload in flight finishes. Then every committed checkpoint is
+        retired as retention retires one: the writer lease is renewed first, the
+        manifest goes before the data, and the oldest checkpoint goes first, so a
+        process killed midway leaves the newest one committed and restorable. Then the
+        remote ``checkpoint`` state file goes, and the staged copies with it, so no
+        later manager on this staging directory uploads them again. The writer lease
+        stays, released at :meth:`close`: while it is there, data a kill left behind is
+        known as ckptstore's leftovers, never adopted as a TensorFlow directory. The
+        manager stays open: the next ``save()`` starts the run afresh.
+
+        In local mode (a plain path) the checkpoints the manager manages and the state
+        file are deleted at once, as TensorFlow deletes retired ones.
+
+        Example::
+
+            manager.sync()                  # everything is committed: the run is over
+            manager.delete_all()            # ... and its checkpoints are not needed any more
+            assert manager.latest_checkpoint is None
+
+        Args:
+            timeout: seconds to wait for the upload in flight and the deletions
+                (``None``: as long as they take); they go on in the background after it.
+
+        Raises:
+            OwnershipError: another process writes the run; nothing was deleted.
+            UploadError: an upload made before this call failed, or a deletion failed
+                (the next :meth:`sync` tries the deletion again).
+            TimeoutError: ``timeout`` passed first.
+        """
+        if self._closed:
+            raise RuntimeError("This CheckpointManager is closed; create a new one.")
+        if self._checkpoint:
+            self._checkpoint.sync()  # an async save still writing would be queued after this
+        if self._worker_dir is not None:
+            return  # a worker that is not the chief: the chief deletes the run's checkpoints
+        if self._remote is None:
+            with self._lock:
+                for prefix in self._book.active:
+                    staging.remove_checkpoint(prefix)
+                state_file = os.path.join(self._directory, "checkpoint")
+                if tf.io.gfile.exists(state_file):
+                    tf.io.gfile.remove(state_file)
+                self._book.recover(None)
+            return
+        self._ensure_writer()  # only the run's writer deletes, and it proves it before each
+        assert self._uploader is not None
+        with self._lock:
+            staged = [os.path.basename(p) for p in self._book.active]
+            self._book.recover(None)
+            self._committed_view = {}
+            self._restorable = self._restorable_for = None
+            with contextlib.suppress(FileNotFoundError):  # the staged copy of the state file
+                os.remove(os.path.join(self._staging_dir, "checkpoint"))
+            self._uploader.delete_all(staged)
+        self.sync(timeout=timeout)
 
     @property
     def staging_dir(self) -> str:
@@ -912,6 +1105,50 @@ class CheckpointManager:
             )
 
 
+#: after a preempted process's deadline, how long its exit may still take to close the manager
+#: when nothing is left to upload (stopping the idle worker, releasing the writer lease)
+_CLOSE_ALLOWANCE_SECONDS = 1.0
+
+
+def _close_by(m: CheckpointManager, deadline: float) -> None:
+    """``m.close()``, given until ``deadline`` (``time.time()``) plus a short allowance.
+
+    ``close(timeout=)`` bounds the wait for the uploads, but then gives the upload
+    worker 5 s to stop, which on a slow link it needs in full (a part being sent
+    is not cut short), and only then releases the writer lease. A preempted
+    process does not have those seconds: past the allowance it exits without
+    them. Nothing is committed after that (the aborted worker commits nothing);
+    the lease stays until it expires, or until the next writer on this machine
+    takes the run over at once.
+    """
+    outcome: list[BaseException | None] = []
+
+    def close() -> None:
+        try:
+            m.close(timeout=preemption.seconds_left(deadline))
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    closing = threading.Thread(target=close, name="ckptstore-exit-close", daemon=True)
+    closing.start()
+    closing.join(preemption.seconds_left(deadline))
+    if not outcome and m._uploader is not None:
+        status = m._uploader.status()
+        if status.in_flight is None and not status.pending:
+            closing.join(_CLOSE_ALLOWANCE_SECONDS)  # nothing to upload: let it release the lease
+    if not outcome:
+        raise TimeoutError(
+            "the grace period is over, so the process exits without waiting for the upload "
+            f"worker to stop; the writer lease of {m._redactor.url} is not released (it expires "
+            f"{m._lease.lease_seconds:.0f} s after its last renewal; a writer on this machine "
+            "takes the run over at once)."
+        )
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
 def _drain_at_exit(manager: CheckpointManager) -> None:
     """At interpreter exit, finish the uploads of a manager nobody closed (:mod:`exit_drain`)."""
     ref = weakref.ref(manager)
@@ -929,7 +1166,10 @@ def _drain_at_exit(manager: CheckpointManager) -> None:
                 m._redactor.url,
             )
         try:
-            m.close()
+            if m._exit_deadline is None:
+                m.close()
+            else:  # a preempted process must be gone by the end of its grace period
+                _close_by(m, m._exit_deadline)
         except Exception as exc:
             left = ", ".join(waiting) or "the last checkpoints"
             message = (

@@ -150,7 +150,7 @@ def read_remote(
     return RemoteView(names, committed, remote_state, adoptable)
 
 
-def plan_resume(view: RemoteView, staging_dir: str) -> ResumePlan:
+def plan_resume(view: RemoteView, staging_dir: str, *, resume_staged: bool = True) -> ResumePlan:
     """Decide what a manager manages, from the remote's view and its staging directory.
 
     Pure: it reads the local state file and looks for staged files, and changes
@@ -158,6 +158,10 @@ def plan_resume(view: RemoteView, staging_dir: str) -> ResumePlan:
     remote state file only orders them and carries TensorFlow's preservation
     clock, and a manifest newer than everything it lists (a writer killed
     between the two writes) is added after them.
+
+    ``resume_staged=False`` ignores checkpoints staged here but never committed
+    (under ``MultiWorkerMirroredStrategy``: every worker must restore the same
+    checkpoint, and the others can only see what is committed).
     """
     committed = {**view.adoptable, **view.committed}
     remote_state = view.state
@@ -180,7 +184,11 @@ def plan_resume(view: RemoteView, staging_dir: str) -> ResumePlan:
     newest_committed = max((m.timestamp for m in committed.values()), default=-math.inf)
     to_upload: list[UploadRequest] = []
     retired: list[str] = []
-    if local is not None and max(_entries_of(local).values(), default=-math.inf) > newest_committed:
+    if (
+        resume_staged
+        and local is not None
+        and max(_entries_of(local).values(), default=-math.inf) > newest_committed
+    ):
         local_entries = _entries_of(local)
         resumed: dict[str, float] = {}
         for name, ts in local_entries.items():

@@ -50,7 +50,7 @@ from ckptstore.errors import OwnershipError, UploadError
 from ckptstore.manifest import Manifest
 from ckptstore.ownership import LEASE_NAME
 from ckptstore.redaction import Redactor
-from ckptstore.remote import Remote
+from ckptstore.remote import STATE_FILE, Remote
 from ckptstore.retry import RetryPolicy
 
 log = logging.getLogger("ckptstore")
@@ -173,6 +173,7 @@ class Uploader:
         self._closed = False
         self._lost: OwnershipError | None = None  # the run was taken over: do no remote work
         self._orphans_due = True  # a new writer collects its predecessor's leftovers once
+        self._delete_all_due = False  # delete_all(): retire everything committed, next round
         #: upkeep that failed ("write the state file", ...) -> error, raised by sync()
         self._upkeep_failures: dict[str, BaseException] = {}
         self._upkeep_unreported: dict[str, BaseException] = {}
@@ -235,6 +236,30 @@ class Uploader:
         for name in dropped + [n for n in retired if n in skipped_now]:
             staging.delete_checkpoint_files(os.path.join(self.staging_dir, name))
         return dropped
+
+    def delete_all(self, staged: list[str]) -> None:
+        """Drop every waiting upload and have the worker delete everything committed.
+
+        The upload in flight finishes first (the worker does one thing at a time);
+        then every committed checkpoint is retired as retention retires one (lease
+        renewed, manifest first, oldest checkpoint first), TensorFlow's state file
+        is deleted, and the staged copies of ``staged`` (the manager's checkpoints)
+        and of failed uploads go, so no later manager on this staging directory
+        uploads them again. :meth:`wait` then :meth:`raise_failures` say how it went.
+        """
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("This CheckpointManager is closed; create a new one.")
+            dropped = [r.checkpoint for r in self._pending]
+            self._pending.clear()
+            self._skipped.extend(dropped)
+            self._tidy.update(staged)
+            self._delete_all_due = True
+            self._dirty = True
+            self._cond.notify_all()
+        # Nobody's any more (as in submit()): the worker only touches what is queued or in flight.
+        for name in dropped:
+            staging.delete_checkpoint_files(os.path.join(self.staging_dir, name))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued upload is committed or failed and upkeep is done.
@@ -356,6 +381,8 @@ class Uploader:
                 self._upload(request)
             if self._orphans_due:
                 self._guarded("collect orphans", self._collect_orphans)
+            if self._delete_all_due:  # cleared once done: a failure is tried again at sync()
+                self._guarded("delete the checkpoints", self._delete_all)
             self._guarded("write the state file", self._write_state)
             self._guarded("retire old checkpoints", self._retire)
             self._guarded("tidy the staging directory", self._tidy_staging)
@@ -529,37 +556,68 @@ class Uploader:
         with self._cond:
             committed = dict(self._committed)
             retired = list(self._retired)
-        retired_set = set(retired)
-        survivors = [m.timestamp for n, m in committed.items() if n not in retired_set]
-        newest_survivor = max(survivors, default=None)
+        # Any newer commit will do, retired or not: when saves outpace the link, each
+        # checkpoint is retired before its own upload ends, and waiting for one that
+        # retention still keeps would keep every one of them on the remote.
+        newest_committed = max((m.timestamp for m in committed.values()), default=None)
         changed = False
         for name in retired:
             manifest = committed.get(name)
             if manifest is not None:
                 # Delete only once something newer is committed: a retired
                 # checkpoint may still be the newest the remote can restore.
-                if newest_survivor is None or newest_survivor <= manifest.timestamp:
+                if newest_committed is None or newest_committed <= manifest.timestamp:
                     continue
-                # Checks only (closed? lease taken?): mark_in_flight renews right after.
-                self._call(
-                    "renew the writer lease", lambda: self._ensure_held(fresh_within=math.inf)
-                )
-                if self._lease is not None:
-                    # Listed while its data outlives its manifest: if this process dies
-                    # mid-retirement, the next writer knows those files are leftovers.
-                    self._call(
-                        "record the retirement in the writer lease",
-                        lambda n=name: self._lease.mark_in_flight(n),
-                    )
-                artifact.retire(self.remote, manifest, call=self._call)
-                if self._lease is not None:
-                    self._lease.mark_done(name)
+                self._retire_one(manifest)
                 changed = True
             with self._cond:
                 self._committed.pop(name, None)
                 self._retired.remove(name)
         if changed:
             self._write_state()
+
+    def _retire_one(self, manifest: Manifest) -> None:
+        """Delete one committed checkpoint from the remote: its manifest, then its data."""
+        name = manifest.checkpoint
+        # Checks only (closed? lease taken?): mark_in_flight renews right after.
+        self._call("renew the writer lease", lambda: self._ensure_held(fresh_within=math.inf))
+        if self._lease is not None:
+            # Listed while its data outlives its manifest: if this process dies
+            # mid-retirement, the next writer knows those files are leftovers.
+            self._call(
+                "record the retirement in the writer lease",
+                lambda: self._lease.mark_in_flight(name),
+            )
+        artifact.retire(self.remote, manifest, call=self._call)
+        if self._lease is not None:
+            self._lease.mark_done(name)
+
+    def _delete_all(self) -> None:
+        """Retire every committed checkpoint, delete the state file, empty staging (delete_all).
+
+        Oldest first: a process killed midway leaves the newest checkpoint committed
+        and restorable, never an older one alone.
+        """
+        with self._cond:
+            committed = sorted(self._committed.values(), key=lambda m: (m.timestamp, m.number or 0))
+        for manifest in committed:
+            self._retire_one(manifest)
+            with self._cond:
+                self._committed.pop(manifest.checkpoint, None)
+        self._call("renew the writer lease", self._ensure_held)
+        self._call("delete the state file", lambda: self.remote.delete_data([STATE_FILE]))
+        self._last_state_text = None
+        with self._cond:
+            self._retired.clear()
+            self._delete_all_due = False
+            doomed = self._tidy | set(self._failed)
+            if self._in_flight:
+                doomed.add(self._in_flight)  # uploaded (and just retired) or failed
+            doomed -= {r.checkpoint for r in self._pending}  # saved after delete_all()
+            doomed &= set(staging.staged_names(self.staging_dir))  # the rest are gone already
+            self._tidy -= doomed
+        for name in doomed:
+            staging.delete_checkpoint_files(os.path.join(self.staging_dir, name))
 
     def _tidy_staging(self) -> None:
         """Delete staged copies nobody needs: not managed, queued or in flight.
