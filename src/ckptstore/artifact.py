@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 
 from ckptstore import manifest as mf
 from ckptstore.manifest import FileEntry, Manifest
+from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
+from ckptstore.retry import RetryPolicy
 
 T = TypeVar("T")
 
@@ -37,6 +39,23 @@ UPLOAD_LAST: dict[str, tuple[str, ...]] = {
 
 #: ``call(what, operation)``: runs one remote operation with the caller's retries
 Call = Callable[[str, Callable[[], Any]], Any]
+
+
+def caller(remote: Remote, redactor: Redactor, retry: RetryPolicy) -> Call:
+    """A :data:`Call` running each operation on ``remote`` with ``retry``'s retries.
+
+    Failures name what was being done and the URL, with credentials scrubbed.
+    """
+
+    def call(what: str, operation: Callable[[], T]) -> T:
+        return retry.call(
+            operation,
+            is_transient=remote.backend.is_transient,
+            what=f"{what} ({remote.url})",
+            scrub=redactor.scrub,
+        )
+
+    return call
 
 
 def run_in_threads(work: Callable[[T], None], items: list[T], limit: int) -> None:

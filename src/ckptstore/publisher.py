@@ -255,14 +255,7 @@ def publish(job: PublishJob) -> Manifest:
     remote = job.remote
     from ckptstore.staging import tf  # the version is recorded in the manifest
 
-    def call(what: str, operation: Callable[[], Any]) -> Any:
-        return job.retry.call(
-            operation,
-            is_transient=remote.backend.is_transient,
-            what=f"{what} ({remote.url})",
-            scrub=job.redactor.scrub,
-        )
-
+    call = artifact.caller(remote, job.redactor, job.retry)
     manifest = mf.describe_files(
         job.local_dir,
         job.name,

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from ckptstore import staging
+from ckptstore import artifact, staging
 from ckptstore.errors import (
     ConfigurationError,
     ManifestError,
@@ -358,14 +358,7 @@ def fetch_artifact(
     """
     from ckptstore.publisher import read_committed  # the publisher imports this module
 
-    def call(what: str, operation: Callable[[], T]) -> T:
-        return retry.call(
-            operation,
-            is_transient=remote.backend.is_transient,
-            what=f"{what} ({remote.url})",
-            scrub=redactor.scrub,
-        )
-
+    call = artifact.caller(remote, redactor, retry)
     try:
         manifest = read_committed(remote, name, call)
         if manifest is None:

@@ -577,7 +577,7 @@ class Exporter:
 
     def _tidy(self, committed_now: int) -> None:
         """After a commit (in the publisher's thread): clean interrupted versions, then retire."""
-        call = _caller(self._base, self._redactor, RetryPolicy())
+        call = artifact.caller(self._base, self._redactor, RetryPolicy())
         names = call("list", self._base.list_names)
         for version in sorted(_versions(names)):
             if version in self._committed:
@@ -626,18 +626,6 @@ def _version_of(base: Remote, redactor: Redactor, version: int) -> tuple[Remote,
 # --- remote reads in the caller's thread ---------------------------------------------------
 
 
-def _caller(remote: Remote, redactor: Redactor, retry: RetryPolicy) -> artifact.Call:
-    def call(what: str, operation: Callable[[], T]) -> T:
-        return retry.call(
-            operation,
-            is_transient=remote.backend.is_transient,
-            what=f"{what} ({remote.url})",
-            scrub=redactor.scrub,
-        )
-
-    return call
-
-
 def _once(what: str, operation: Callable[[], T]) -> T:
     """A ``call`` without retries, for use inside :func:`_read` (which retries the whole)."""
     return operation()
@@ -646,7 +634,7 @@ def _once(what: str, operation: Callable[[], T]) -> T:
 def _read(remote: Remote, redactor: Redactor, what: str, operation: Callable[[], T]) -> T:
     """Run one remote operation with retries; a failure says which URL and what to do."""
     with _explained(redactor, what):
-        return _caller(remote, redactor, RetryPolicy())(what, operation)
+        return artifact.caller(remote, redactor, RetryPolicy())(what, operation)
 
 
 @contextlib.contextmanager
