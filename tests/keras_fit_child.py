@@ -19,12 +19,20 @@ restores it. It says on stdout, flushed:
 
 ``--raise-at E:B`` raises ``Interrupted`` in that batch (fit() fails; the process
 exits with 3 after the exception).
+
+``--preempt`` passes ``save_before_preemption=True`` (and ``--grace S``, ``grace_period=S``):
+a SIGTERM then ends the process with TensorFlow's status once the batch's backup is
+committed. A first callback, before the backup callback, then says ``trained E B`` after
+each batch, so the last one said is the batch at whose end the process stopped (the
+backup holds it). ``--chain`` first installs a SIGTERM handler of the program's own,
+which says ``chained N`` (N: the signals it got so far).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -105,6 +113,20 @@ class Narrator(tf.keras.callbacks.Callback):
             time.sleep(self.sleep)
 
 
+class Tally(tf.keras.callbacks.Callback):
+    """Says ``trained E B`` after each batch, before the backup callback's hook runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        say(f"trained {self.epoch} {batch}")
+
+
 def position(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None
@@ -124,8 +146,20 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="delete_checkpoint=False")
     parser.add_argument("--double", action="store_true", help="double_checkpoint=True")
     parser.add_argument("--batch-sleep", type=float, default=0.0)
+    parser.add_argument("--preempt", action="store_true", help="save_before_preemption=True")
+    parser.add_argument("--grace", type=float, help="grace_period")
+    parser.add_argument("--chain", action="store_true", help="a SIGTERM handler of its own")
     args = parser.parse_args()
     tf.config.experimental.enable_op_determinism()
+    if args.chain:
+        got = []
+
+        def own_handler(signum, frame):
+            got.append(signum)
+            # Unbuffered: the signal may land while the main thread is inside print().
+            os.write(sys.stdout.fileno(), f"chained {len(got)}\n".encode())
+
+        signal.signal(signal.SIGTERM, own_handler)
 
     model = build_model()
     callbacks: list[tf.keras.callbacks.Callback] = []
@@ -139,8 +173,12 @@ def main() -> None:
                 delete_checkpoint=not args.keep,
                 storage_options=storage_options_from_json(args.options),
                 staging_dir=args.staging,
+                save_before_preemption=args.preempt,
+                grace_period=args.grace,
             )
         )
+    if args.preempt:
+        callbacks.insert(0, Tally())
     callbacks.append(Narrator(position(args.hold_at), position(args.raise_at), args.batch_sleep))
     x, y = data()
     try:

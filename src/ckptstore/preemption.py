@@ -14,12 +14,40 @@ the handler itself, found on the call stack (its ``_save_checkpoint`` calls
 ``save()``): private attributes of TensorFlow 2.16-2.21, read defensively, so
 a TensorFlow that renames them only loses the bound (the wait is then as long
 as the upload takes, and the platform's own kill ends it).
+
+Code that handles the signal itself (``ckptstore.keras.BackupAndRestore`` with
+``save_before_preemption=True``) makes its save inside :func:`preemption_save`,
+which gives the same wait and names the deadline outright.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
+from collections.abc import Iterator
+
+_declared = threading.local()  # the deadline a preemption_save() in this thread names
+
+
+@contextlib.contextmanager
+def preemption_save(deadline: float | None = None) -> Iterator[None]:
+    """Saves inside are preemption saves, as under TensorFlow's handler: each waits for its commit.
+
+    Enters TensorFlow's own preemption save context (what the handler does around
+    its save). ``deadline`` (``time.time()``) bounds the wait, as a handler's grace
+    period does; ``None``: as long as the upload takes.
+    """
+    from tensorflow.python.checkpoint import checkpoint_context
+
+    outer = getattr(_declared, "deadline", None)
+    _declared.deadline = deadline
+    try:
+        with checkpoint_context.preemption_save_context():
+            yield
+    finally:
+        _declared.deadline = outer
 
 
 def in_preemption_save() -> bool:
@@ -45,8 +73,12 @@ def grace_deadline() -> float | None:
     """``time.time()`` by which the process must have exited, or ``None`` if not known.
 
     Known on the worker that received the signal, when the handler's
-    ``TerminationConfig`` has a grace period: signal time + grace period.
+    ``TerminationConfig`` has a grace period: signal time + grace period; or named
+    by :func:`preemption_save`.
     """
+    declared = getattr(_declared, "deadline", None)
+    if declared is not None:
+        return float(declared)
     handler = _handler_on_stack()
     if handler is None:
         return None
