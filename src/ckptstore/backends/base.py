@@ -10,6 +10,8 @@ visible while in progress override :meth:`Backend.write_atomic`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import hashlib
 import threading
 from typing import Any
@@ -23,6 +25,47 @@ from ckptstore.manifest import FileEntry, hash_stream
 from ckptstore.redaction import redact_url
 
 _READ_CHUNK = 8 * 1024 * 1024
+
+#: :attr:`Check.method`: the service's own record (size and checksum) was compared, no byte read
+SERVICE_CHECKSUM = "service-checksum"
+#: :attr:`Check.method`: every byte was read back and hashed
+READ_BACK = "read-back"
+
+
+def mtime_of(info: dict[str, Any]) -> float | None:
+    """When an object was last written (seconds since the epoch), from whichever key an
+    fsspec client reports it under (``mtime``, S3's ``LastModified``, GCS's ``updated``,
+    Drive's ``modifiedDate``, ...); ``None`` when it reports none."""
+    for key in ("mtime", "LastModified", "updated", "modifiedDate", "modified", "created"):
+        value = info.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(value, datetime.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=datetime.timezone.utc)
+            return value.timestamp()
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """How one stored object was compared with its manifest entry, and what was found.
+
+    ``problem`` is ``None`` when the object matches. ``detail`` says which
+    checksum was compared (``"S3 CRC32C"``), or why the object had to be read
+    back (the service keeps no checksum, or one that cannot be compared).
+    """
+
+    problem: str | None
+    method: str  # SERVICE_CHECKSUM or READ_BACK
+    detail: str = ""
 
 
 class PreconditionFailed(Exception):
@@ -55,6 +98,8 @@ class Backend:
     #: Whether a nested file (a SavedModel's ``variables/...``) needs its directory made
     #: first: object stores have flat keys, filesystems and Drive have folders.
     needs_parent_dirs = True
+    #: how messages name the service ("S3", "GCS"); the fsspec protocol when unset
+    service_name: str | None = None
 
     def __init__(self, fs: AbstractFileSystem):
         self.fs = fs
@@ -193,6 +238,10 @@ class Backend:
             return False
         return True
 
+    def modified(self, path: str) -> float | None:
+        """When the object was last written (seconds since the epoch), if the service says."""
+        return mtime_of(self.fs.info(path))
+
     def download(self, remote_path: str, local_path: str, entry: FileEntry) -> None:
         """Copy the object ``entry`` describes to ``local_path`` (checked by the caller)."""
         self.fs.get_file(remote_path, local_path)
@@ -212,19 +261,49 @@ class Backend:
 
         Returns ``None`` when it matches, else a sentence saying what differs.
         """
+        return self.check(path, entry).problem
+
+    def check(self, path: str, entry: FileEntry, *, deep: bool = False) -> Check:
+        """Compare the stored object with its manifest entry, and say how.
+
+        The service's own checksum where it keeps one that matches the
+        manifest's kind, else a read-back. ``deep`` reads every byte back and
+        hashes it as well, once the service's record matched.
+        """
+        found = self._check(path, entry)
+        if not deep or found.problem is not None or found.method == READ_BACK:
+            return found
+        detail = f"{found.detail} matched too" if found.detail else ""
+        return Check(self._verify_by_reading_back(path, entry), READ_BACK, detail)
+
+    def _check(self, path: str, entry: FileEntry) -> Check:
+        """What :meth:`check` does without ``deep``; backends override this."""
         info = self.fs.info(path)
         size = info.get("size")
         if size is not None and size != entry.size:
-            return f"{entry.name}: stored size {size} != manifest size {entry.size}"
+            return Check(
+                f"{entry.name}: stored size {size} != manifest size {entry.size}",
+                SERVICE_CHECKSUM,
+                "stored size",
+            )
         stored = self.stored_checksum(path, info)
         if stored is not None:
             kind, value = stored
             expected = entry.crc32c if kind == "crc32c" else entry.md5
+            label = f"{self.service_name or self.protocol} {kind.upper()}"
             if expected is not None:
                 if value.lower() != expected:
-                    return f"{entry.name}: stored {kind} {value} != manifest {expected}"
-                return None
-        return self._verify_by_reading_back(path, entry)
+                    return Check(
+                        f"{entry.name}: stored {kind} {value} != manifest {expected}",
+                        SERVICE_CHECKSUM,
+                        label,
+                    )
+                return Check(None, SERVICE_CHECKSUM, label)
+        return Check(
+            self._verify_by_reading_back(path, entry),
+            READ_BACK,
+            "the service keeps no checksum to compare",
+        )
 
     def _verify_by_reading_back(self, path: str, entry: FileEntry) -> str | None:
         with self.fs.open(path, "rb", block_size=_READ_CHUNK) as stream:

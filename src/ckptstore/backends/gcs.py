@@ -72,6 +72,7 @@ class GCSBackend(Backend):
     default_part_size = 50 * 1024 * 1024  # gcsfs's chunk size: few round trips per file
     conditional_writes = "atomic"
     needs_parent_dirs = False  # flat keys
+    service_name = "GCS"
 
     def read_versioned(self, path: str) -> tuple[bytes, str] | None:
         try:

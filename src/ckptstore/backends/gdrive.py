@@ -66,7 +66,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ckptstore.backends.base import Backend
+from ckptstore.backends.base import READ_BACK, SERVICE_CHECKSUM, Backend, Check, mtime_of
 from ckptstore.errors import ConfigurationError
 from ckptstore.manifest import FileEntry
 from ckptstore.redaction import redact_url
@@ -318,25 +318,40 @@ class DriveBackend(Backend):
 
     # --- reading -----------------------------------------------------------------------
 
-    def verify(self, path: str, entry: FileEntry) -> str | None:
+    def _check(self, path: str, entry: FileEntry) -> Check:
+        def found(problem: str | None, detail: str = "Drive MD5") -> Check:
+            return Check(problem, SERVICE_CHECKSUM, detail)
+
         items = self._items(path)
         if not items:
-            return f"{entry.name}: not found on Drive after the upload"
+            return found(f"{entry.name}: not found on Drive", "Drive listing")
         if len(items) > 1:
-            return (
+            return found(
                 f"{entry.name}: {len(items)} files with this title in the folder "
-                "(is another process writing to it?)"
+                "(is another process writing to it?)",
+                "Drive listing",
             )
         item = items[0]
         size = int(item.get("fileSize", -1))
         if size != entry.size:
-            return f"{entry.name}: stored size {size} != manifest size {entry.size}"
+            return found(
+                f"{entry.name}: stored size {size} != manifest size {entry.size}", "stored size"
+            )
         md5 = item.get("md5Checksum")
         if entry.md5 is None or not md5:
-            return self._verify_by_reading_back(path, entry)
+            why = "the manifest has no MD5" if entry.md5 is None else "Drive reports no MD5"
+            return Check(self._verify_by_reading_back(path, entry), READ_BACK, why)
         if md5.lower() != entry.md5:
-            return f"{entry.name}: Drive's md5Checksum {md5} != manifest md5 {entry.md5}"
-        return None
+            return found(f"{entry.name}: Drive's md5Checksum {md5} != manifest md5 {entry.md5}")
+        return found(None)
+
+    def modified(self, path: str) -> float | None:
+        # pydrive2's listings carry no time; Drive's own metadata does.
+        items = self._items(path)
+        if not items:
+            raise FileNotFoundError(path)
+        times = [t for t in (mtime_of(dict(item)) for item in items) if t is not None]
+        return max(times) if times else None
 
     def download(self, remote_path: str, local_path: str, entry: FileEntry) -> None:
         items = self._items(remote_path)

@@ -27,13 +27,14 @@ so two machines writing one lease there are not excluded at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from ckptstore import mounts
-from ckptstore.backends.base import Backend
+from ckptstore.backends.base import READ_BACK, Backend, Check
 from ckptstore.manifest import FileEntry
 
 try:
@@ -119,10 +120,13 @@ class LocalBackend(Backend):
         super().upload(local_path, remote_path, entry, callback)
         _fsync(remote_path)
 
-    def verify(self, path: str, entry: FileEntry) -> str | None:
+    def _check(self, path: str, entry: FileEntry) -> Check:
         if self.on_cloud_mount(path):
             _drop_cached_pages(path)
-        return super().verify(path, entry)
+        found = super()._check(path, entry)
+        if found.method == READ_BACK:  # always: a filesystem keeps no checksum
+            return dataclasses.replace(found, detail="a filesystem keeps no checksum")
+        return found
 
     def on_cloud_mount(self, path: str) -> bool:
         """Whether ``path`` is on a mount that uploads to a cloud after the write."""

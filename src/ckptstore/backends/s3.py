@@ -9,9 +9,16 @@ What fsspec does not say about S3:
 * **Multipart.** s3fs's ``put_file`` cannot carry CRC32C through a multipart
   upload (its parts go out with botocore's default CRC32 and real S3 then
   refuses to complete; s3fs issue #672), so large files are uploaded here as
-  a multipart of our own: each part with its CRC32C, S3 then reporting the
-  composite "CRC32C of the part CRC32Cs" with a ``-N`` suffix. This is the one
-  piece written by hand because no library does it.
+  a multipart of our own: each part with its CRC32C, and the upload created
+  with ``ChecksumType="FULL_OBJECT"``, so S3 checks and keeps the CRC32C of the
+  *whole object* (the manifest's value, also sent with the completion). Any
+  process can then verify it from the manifest alone. S3's default for a
+  multipart upload, and what ckptstore 0.1.0 got, is a *composite* checksum
+  ("CRC32C of the part CRC32Cs", ``-N`` suffix) that only the uploading process
+  can predict; such an object is verified elsewhere by reading it back. A store
+  that refuses the full-object type gets a composite upload, verified by the
+  uploader against its own prediction. This is the one piece written by hand
+  because no library does it.
 * **Memory.** Parts are not held in memory: one reader computes each part's
   CRC32C in a streaming pass and hands ``(offset, length, crc)`` to the part
   uploaders, which send the part straight from the staged file (a seekable
@@ -48,7 +55,7 @@ from typing import Any
 import crc32c
 from fsspec.asyn import sync
 
-from ckptstore.backends.base import Backend
+from ckptstore.backends.base import READ_BACK, SERVICE_CHECKSUM, Backend, Check
 from ckptstore.backends.file_part import FilePart
 from ckptstore.errors import VerificationError
 from ckptstore.manifest import FileEntry
@@ -61,6 +68,10 @@ _RETRYABLE_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EIO, errno.ETIMEDOUT, errn
 #: S3's answers to a conditional PutObject whose condition does not hold (409: another
 #: conditional write to the key was in progress; it may win).
 _LOST_RACE_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+#: what an S3-compatible store that does not know ``ChecksumType`` may answer to it
+_NO_FULL_OBJECT_CODES = frozenset(
+    {"InvalidArgument", "InvalidRequest", "NotImplemented", "XNotImplemented", "InvalidChecksum"}
+)
 
 
 def crc_b64(value: int) -> str:
@@ -82,9 +93,15 @@ class S3Backend(Backend):
     conditional_writes = "atomic"
     needs_parent_dirs = False  # flat keys
 
+    service_name = "S3"
+    #: multipart uploads ask S3 for a full-object CRC32C (cleared where a store refuses it)
+    full_object_checksums = True
+
     def __init__(self, fs: Any):
         super().__init__(fs)
-        self._expected: dict[str, str] = {}  # remote path -> the CRC32C value S3 should report
+        #: remote path -> the composite CRC32C ("<base64>-<parts>") this process's multipart
+        #: upload would get where the store kept a composite instead of a full-object one
+        self._composite: dict[str, str] = {}
 
     def is_transient(self, exc: BaseException) -> bool:
         if super().is_transient(exc):
@@ -156,11 +173,11 @@ class S3Backend(Backend):
                     ChecksumAlgorithm="CRC32C",
                     ChecksumCRC32C=value,
                 )
-            self._expected[remote_path] = value
+            self._composite.pop(remote_path, None)
             if callback is not None:
                 callback.relative_update(size)
         else:  # reports progress part by part
-            self._expected[remote_path] = self._multipart(
+            self._composite[remote_path] = self._multipart(
                 local_path, bucket, key, part, entry, callback
             )
 
@@ -173,9 +190,27 @@ class S3Backend(Backend):
         entry: FileEntry,
         callback: Any = None,
     ) -> str:
-        mpu = self.fs.call_s3(
-            "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C"
-        )
+        full_object = self.full_object_checksums
+        try:
+            mpu = self.fs.call_s3(
+                "create_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                ChecksumAlgorithm="CRC32C",
+                **({"ChecksumType": "FULL_OBJECT"} if full_object else {}),
+            )
+        except Exception as exc:
+            if not full_object or _s3_error_code(exc) not in _NO_FULL_OBJECT_CODES:
+                raise
+            log.info(
+                "This S3 endpoint refused full-object checksums (%s); multipart uploads keep a "
+                "composite CRC32C, which later verifiers check by reading the object back",
+                _s3_error_code(exc),
+            )
+            self.full_object_checksums = full_object = False
+            mpu = self.fs.call_s3(
+                "create_multipart_upload", Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32C"
+            )
         upload_id = mpu["UploadId"]
         parts: dict[int, dict[str, Any]] = {}
         crcs: dict[int, int] = {}
@@ -249,6 +284,13 @@ class S3Backend(Backend):
         if errors:
             self._abort(bucket, key, upload_id)
             raise errors[0]
+        # With a full-object checksum, S3 checks the assembled object against the manifest's
+        # CRC32C before it completes (the same value: ``whole`` matched it above).
+        whole_object = (
+            {"ChecksumType": "FULL_OBJECT", "ChecksumCRC32C": crc_b64(int(entry.crc32c, 16))}
+            if full_object
+            else {}
+        )
         try:
             self.fs.call_s3(
                 "complete_multipart_upload",
@@ -256,6 +298,7 @@ class S3Backend(Backend):
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": [parts[n] for n in sorted(parts)]},
+                **whole_object,
             )
         except BaseException:
             self._abort(bucket, key, upload_id)
@@ -269,23 +312,55 @@ class S3Backend(Backend):
         except Exception as exc:
             log.info("Could not abort multipart upload of %s: %s", key, type(exc).__name__)
 
-    def verify(self, path: str, entry: FileEntry) -> str | None:
+    def _check(self, path: str, entry: FileEntry) -> Check:
         bucket, key, _ = self.fs.split_path(path)
         head = self.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         size = head.get("ContentLength")
         if size != entry.size:
-            return f"{entry.name}: stored size {size} != manifest size {entry.size}"
+            return Check(
+                f"{entry.name}: stored size {size} != manifest size {entry.size}",
+                SERVICE_CHECKSUM,
+                "stored size",
+            )
         stored = head.get("ChecksumCRC32C")
-        expected = self._expected.get(path)
-        if expected is None and stored and "-" not in stored:
-            expected = crc_b64(int(entry.crc32c, 16))  # a single-part object of someone else's
-        if stored and expected:
-            # HEAD may report a composite with or without its "-N"; the value is what counts.
-            if stored.split("-")[0] != expected.split("-")[0]:
-                return f"{entry.name}: S3 reports CRC32C {stored}, expected {expected}"
-            self._expected.pop(path, None)  # kept until now: a retried verify needs it too
-            return None
-        return self._verify_by_reading_back(path, entry)
+        if not stored:
+            return Check(
+                self._verify_by_reading_back(path, entry),
+                READ_BACK,
+                "S3 keeps no CRC32C for this object",
+            )
+        # A multipart object's checksum is of the whole object only when it was uploaded
+        # with ChecksumType=FULL_OBJECT. Otherwise it is composite, and HEAD may report it
+        # with or without its "-N" (moto omits it, and ChecksumType): the ETag of a
+        # multipart object ends in "-N" too.
+        kind = head.get("ChecksumType")
+        multipart = "-" in stored or "-" in str(head.get("ETag", ""))
+        if kind == "FULL_OBJECT" or (kind is None and not multipart):
+            expected = crc_b64(int(entry.crc32c, 16))
+            if stored.split("-")[0] != expected:
+                return Check(
+                    f"{entry.name}: S3 reports CRC32C {stored}, expected {expected}",
+                    SERVICE_CHECKSUM,
+                    "S3 CRC32C",
+                )
+            self._composite.pop(path, None)
+            return Check(None, SERVICE_CHECKSUM, "S3 CRC32C")
+        predicted = self._composite.get(path)
+        if predicted is not None:  # this process uploaded it: it knows the part CRC32Cs
+            if stored.split("-")[0] != predicted.split("-")[0]:
+                return Check(
+                    f"{entry.name}: S3 reports CRC32C {stored}, expected {predicted}",
+                    SERVICE_CHECKSUM,
+                    "S3 composite CRC32C",
+                )
+            self._composite.pop(path, None)  # kept until now: a retried verify needs it too
+            return Check(None, SERVICE_CHECKSUM, "S3 composite CRC32C")
+        return Check(
+            self._verify_by_reading_back(path, entry),
+            READ_BACK,
+            "S3 keeps a composite CRC32C for this multipart object (uploaded without a "
+            "full-object checksum, e.g. by ckptstore 0.1.0), which the manifest cannot predict",
+        )
 
     def remove_empty_dir(self, path: str) -> bool:
         return False  # flat keys: no directory to remove
