@@ -15,7 +15,7 @@ model, data and backup schedule:
                    no upload: the floor for ckptstore's blocking time, TensorFlow's writer.
   ckptstore s3     ``ckptstore.keras.BackupAndRestore("s3://...")`` over the slow link:
                    moto's S3 server in its own process behind the test suite's throttling
-                   proxy (``slow_link.py``'s link: ``--bandwidth-mb`` MB/s each way, 40 by
+                   proxy (``link.py``'s link: ``--bandwidth-mb`` MB/s each way, 40 by
                    default, ``--latency-ms`` per request). The backup is written to local
                    staging in the training thread; upload, verification and commit run in
                    the background, and a backup still waiting when the next one comes is
@@ -43,16 +43,24 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from slow_link import BUCKET, MB, measure_link, start_link  # noqa: E402  (sets the env it needs)
+from link import (  # noqa: E402
+    BUCKET,
+    MB,
+    add_link_arguments,
+    add_run_arguments,
+    open_link,
+    run_worker,
+    write_results,
+)
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the workers' TensorFlow: errors only
 
 SYSTEMS = ("keras local", "tf checkpoint local", "ckptstore s3")
 HOOKS = ("on_train_begin", "on_epoch_end", "on_train_batch_end", "on_train_end")
@@ -256,27 +264,10 @@ def worker(cfg: dict) -> dict:
     }
 
 
-def run_worker(cfg: dict) -> dict:
-    work = tempfile.mkdtemp(prefix="ckptstore-keras-bench-")
-    try:
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps({**cfg, "work": work})],
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"worker {cfg['system']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1])
-
-
 # --------------------------------------------------------------------------- report
 
 
-def report(results: dict, link: dict, cfg: dict, out: str) -> str:
+def report(results: dict, link: dict, cfg: dict) -> str:
     keras_local = results["keras local"]
     base = statistics.median(keras_local["blocking"])
     size = results["ckptstore s3"]["backup_bytes"] or keras_local["backup_bytes"]
@@ -323,10 +314,7 @@ def report(results: dict, link: dict, cfg: dict, out: str) -> str:
         "with its breakdown (on a shared machine, the wall time varies by tens of seconds "
         "between runs, outside the callbacks).",
     ]
-    text = "\n".join(lines)
-    with open(out + ".md", "w") as f:
-        f.write(text + "\n")
-    return text
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -335,12 +323,8 @@ def main() -> None:
     parser.add_argument("--backups", type=int, default=8)
     parser.add_argument("--save-freq", type=int, default=30, help="batches between backups")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--bandwidth-mb", type=float, default=40.0, help="link cap, MB/s")
-    parser.add_argument("--latency-ms", type=float, default=5.0, help="added per request")
-    parser.add_argument("--server-nice", type=int, default=19, help="as in slow_link.py")
-    parser.add_argument("--quick", action="store_true", help="4 backups of a 5 M model")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "keras_backup_blocking"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_link_arguments(parser)
+    add_run_arguments(parser, "keras_backup_blocking", "4 backups of a 5 M model")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -348,11 +332,7 @@ def main() -> None:
     if args.quick:
         args.params_m, args.backups, args.save_freq = 5.0, 4, 10
 
-    procs, _, slow = start_link(args.bandwidth_mb * MB, args.latency_ms / 1000, args.server_nice)
-    try:
-        up, down = measure_link(slow)
-        link = {"up": up, "down": down}
-        print(f"link: {up / MB:.1f} MB/s up, {down / MB:.1f} MB/s down", flush=True)
+    with open_link(args) as (_, _, slow, link):
         cfg = {
             "params_m": args.params_m,
             "backups": args.backups,
@@ -365,23 +345,11 @@ def main() -> None:
         results = {}
         for system in SYSTEMS:
             print(f"running {system} ...", flush=True)
-            results[system] = run_worker({**cfg, "system": system})
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    text = report(results, link, cfg, args.out)
-    with open(args.out + ".json", "w") as f:
-        json.dump(
-            {
-                "cfg": {k: v for k, v in cfg.items() if k != "slow"},
-                "link": link,
-                "results": results,
-            },
-            f,
-            indent=1,
-        )
+            results[system] = run_worker(
+                __file__, {**cfg, "system": system}, "ckptstore-keras-bench-"
+            )
+    text = report(results, link, cfg)
+    write_results(args.out, text, cfg, link, indent=1, results=results)
     print("\n" + text)
     print(f"\nwritten: {args.out}.md, .json")
 

@@ -11,7 +11,7 @@ Adam-style slots, ``--size-mb`` MiB (256 by default). Before the measured part t
 a backup (``manager.save()``) that is committed, as a run that has been going for a while has.
 Then this script sends SIGTERM and measures, from the signal to the process's end:
 
-  ckptstore            ``ckptstore.CheckpointManager("s3://...")`` over ``slow_link.py``'s link
+  ckptstore            ``ckptstore.CheckpointManager("s3://...")`` over ``link.py``'s link
                        (moto's S3 in its own process behind the test suite's throttling proxy,
                        ``--bandwidth-mb`` MB/s each way, 40 by default, ``--latency-ms`` per
                        request): the handler's save writes to local staging, then ckptstore
@@ -49,7 +49,16 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from slow_link import BUCKET, MB, MiB, make_checkpoint, measure_link, start_link  # noqa: E402
+from link import (  # noqa: E402
+    BUCKET,
+    MB,
+    MiB,
+    add_link_arguments,
+    add_run_arguments,
+    open_link,
+    write_results,
+)
+from slow_link import make_checkpoint  # noqa: E402
 
 SYSTEMS = ("ckptstore", "ckptstore, backup in flight", "tf local")
 TF_EXIT_STATUS = 42
@@ -235,17 +244,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=256, help="checkpoint size (MiB)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per system")
-    parser.add_argument("--bandwidth-mb", type=float, default=40.0, help="link cap, MB/s")
-    parser.add_argument("--latency-ms", type=float, default=5.0, help="added per request")
-    parser.add_argument(
-        "--server-nice",
-        type=int,
-        default=19,
-        help="niceness of the S3 server and proxy (they stand for another machine)",
-    )
-    parser.add_argument("--quick", action="store_true", help="64 MiB, 1 run: a smoke run")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "preemption_exit"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_link_arguments(parser)
+    add_run_arguments(parser, "preemption_exit", "64 MiB, 1 run: a smoke run")
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -253,13 +253,7 @@ def main() -> None:
     if args.quick:
         args.size_mb, args.repeats = 64, 1
 
-    procs, direct, slow = start_link(
-        args.bandwidth_mb * MB, args.latency_ms / 1000, args.server_nice
-    )
-    try:
-        up, down = measure_link(slow)
-        link = {"up": up, "down": down}
-        print(f"link: {up / MB:.1f} MB/s up, {down / MB:.1f} MB/s down", flush=True)
+    with open_link(args) as (_, direct, slow, link):
         cfg = {
             "size_mb": args.size_mb,
             "repeats": args.repeats,
@@ -280,24 +274,8 @@ def main() -> None:
                     flush=True,
                 )
             results[system] = summarize(runs)
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     text = report(results, link, cfg)
-    with open(args.out + ".md", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump(
-            {
-                "cfg": {k: v for k, v in cfg.items() if k != "slow"},
-                "link": link,
-                "results": results,
-            },
-            f,
-            indent=1,
-        )
+    write_results(args.out, text, cfg, link, indent=1, results=results)
     print("\n" + text)
     print(f"\nwritten: {args.out}.md, .json")
 

@@ -51,78 +51,21 @@ import time
 import uuid
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-MB = 1e6
-MiB = 1024 * 1024
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUCKET = "bench"
+from link import (
+    BUCKET,
+    MB,
+    MiB,
+    add_link_arguments,
+    add_run_arguments,
+    open_link,
+    run_worker,
+    write_results,
+)
+
 SYSTEMS = ("tf local", "tf + upload", "tf async local", "ckptstore", "ckptstore async")
 REMOTE_SYSTEMS = ("tf + upload", "ckptstore", "ckptstore async")
-
-
-# --------------------------------------------------------------------------- the link
-
-
-def start_link(
-    bandwidth: float, latency: float, nice: int = 0
-) -> tuple[list[subprocess.Popen], dict, dict]:
-    """moto and the throttling proxy, each in its own process. Returns options direct/proxied.
-
-    ``nice`` lowers the servers' CPU priority: on a real link they run on another
-    machine, here they share this one's cores with the training they serve.
-    """
-    from moto_process import start_moto
-
-    def lower_priority() -> None:
-        os.nice(nice)
-
-    moto, endpoint = start_moto(nice)
-    proxy = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(HERE, "..", "tests", "servers", "faultproxy.py"),
-            endpoint.rsplit(":", 1)[1],
-            "--bandwidth",
-            str(bandwidth),
-            "--latency",
-            str(latency),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=lower_priority,
-    )
-    proxy_port = int(proxy.stdout.readline())
-
-    def options(url: str) -> dict:
-        return {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": url}}
-
-    direct, slow = options(endpoint), options(f"http://127.0.0.1:{proxy_port}")
-    import fsspec
-
-    fsspec.filesystem("s3", skip_instance_cache=True, **direct).mkdir(BUCKET)
-    return [proxy, moto], direct, slow
-
-
-def measure_link(slow: dict, size: int = 64 * MiB, repeats: int = 2) -> tuple[float, float]:
-    """Bytes/s of one large PUT and one large GET through the proxy, as a client sees the link."""
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, **slow)
-    blob = os.urandom(size)
-    up, down = [], []
-    for i in range(repeats):
-        path = f"{BUCKET}/link-probe-{i}"
-        t0 = time.perf_counter()
-        fs.pipe_file(path, blob)
-        up.append(size / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        got = fs.cat_file(path)
-        down.append(size / (time.perf_counter() - t0))
-        assert got == blob
-        fs.rm_file(path)
-    return max(up), max(down)
 
 
 # --------------------------------------------------------------------------- a worker
@@ -391,23 +334,11 @@ def cpu_seconds(procs: list[subprocess.Popen]) -> float:
     return sum(sum(psutil.Process(p.pid).cpu_times()[:4]) for p in procs)
 
 
-def run_worker(cfg: dict, servers: list[subprocess.Popen]) -> dict:
+def run_system(cfg: dict, servers: list[subprocess.Popen]) -> dict:
     """One system in a fresh process; also the CPU the link's servers used meanwhile."""
-    work = tempfile.mkdtemp(prefix="ckptstore-link-")
     before = cpu_seconds(servers)
-    try:
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps({**cfg, "work": work})],
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"worker {cfg['system']} failed:\n{out.stderr[-4000:]}")
-    return {**json.loads(lines[-1]), "server_cpu": cpu_seconds(servers) - before}
+    result = run_worker(__file__, cfg, "ckptstore-link-")
+    return {**result, "server_cpu": cpu_seconds(servers) - before}
 
 
 # --------------------------------------------------------------------------- figures
@@ -456,7 +387,7 @@ def checksum_rates(size: int = 256 * MiB) -> dict[str, float]:
     return rates
 
 
-def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict, out: str) -> str:
+def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict) -> str:
     tf_local = results["tf local"]
     tf_up = results["tf + upload"]
     size = tf_local["size"]
@@ -548,10 +479,7 @@ def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict, ou
         )
         + f"; hardware crc32c: {'yes' if rates['crc32c hardware'] else 'no'}.",
     ]
-    text = "\n".join(lines)
-    with open(out + ".md", "w") as f:
-        f.write(text + "\n")
-    return text
+    return "\n".join(lines)
 
 
 def plot(results: dict, pressure: dict, link: dict, out: str) -> None:
@@ -606,25 +534,15 @@ def main() -> None:
         default=None,
         help="seconds of training between saves (default: one checkpoint's upload time)",
     )
-    parser.add_argument("--bandwidth-mb", type=float, default=40.0, help="link cap, MB/s")
-    parser.add_argument("--latency-ms", type=float, default=5.0, help="added per request")
+    add_link_arguments(parser)
     parser.add_argument("--max-to-keep", type=int, default=3)
-    parser.add_argument(
-        "--server-nice",
-        type=int,
-        default=19,
-        help="niceness of the S3 server and proxy: on a real link they run on another machine, "
-        "so by default they yield the CPU to training (0: compete with it)",
-    )
     parser.add_argument(
         "--intra-op-threads",
         type=int,
         default=0,
         help="TensorFlow's intra-op threads in the workers (0: TensorFlow's default, all cores)",
     )
-    parser.add_argument("--quick", action="store_true", help="64 MiB, 4 saves: a smoke run")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "slow_link"))
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_run_arguments(parser, "slow_link", "64 MiB, 4 saves: a smoke run")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -632,12 +550,8 @@ def main() -> None:
     if args.quick:
         args.size_mb, args.saves = 64, 4
 
-    procs, _, slow = start_link(args.bandwidth_mb * MB, args.latency_ms / 1000, args.server_nice)
-    try:
-        up, down = measure_link(slow)
-        link = {"up": up, "down": down}
-        print(f"link: {up / MB:.1f} MB/s up, {down / MB:.1f} MB/s down", flush=True)
-        interval = args.interval or args.size_mb * MiB * 1.05 / up
+    with open_link(args) as (servers, _, slow, link):
+        interval = args.interval or args.size_mb * MiB * 1.05 / link["up"]
         cfg = {
             "size_mb": args.size_mb,
             "saves": args.saves,
@@ -652,11 +566,11 @@ def main() -> None:
         results = {}
         for system in SYSTEMS:
             print(f"running {system} ...", flush=True)
-            results[system] = run_worker({**cfg, "system": system}, procs)
+            results[system] = run_system({**cfg, "system": system}, servers)
         pressure = {}
         for policy in ("skip", "block"):
             print(f"running back-pressure ({policy}) ...", flush=True)
-            pressure[f'when_behind="{policy}"'] = run_worker(
+            pressure[f'when_behind="{policy}"'] = run_system(
                 {
                     **cfg,
                     "system": "ckptstore",
@@ -665,26 +579,11 @@ def main() -> None:
                     # Enough saves to fill the queue, also in a --quick run.
                     "saves": max(cfg["saves"], 10),
                 },
-                procs,
+                servers,
             )
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait()
     rates = checksum_rates()
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    text = report(results, pressure, link, rates, cfg, args.out)
-    with open(args.out + ".json", "w") as f:
-        json.dump(
-            {
-                "cfg": {k: v for k, v in cfg.items() if k != "slow"},
-                "link": link,
-                "results": results,
-                "pressure": pressure,
-                "checksums": rates,
-            },
-            f,
-        )
+    text = report(results, pressure, link, rates, cfg)
+    write_results(args.out, text, cfg, link, results=results, pressure=pressure, checksums=rates)
     plot(results, pressure, link, args.out)
     print("\n" + text)
     print(f"\nwritten: {args.out}.md, .json, .png")

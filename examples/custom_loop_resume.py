@@ -33,22 +33,19 @@ there. The last line is ``example OK: ...`` on success.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-import uuid
+
+import playground
 
 STEPS = 160
 SAVE_EVERY = 10  # checkpoint_interval, in steps of the step counter
 KILL_AT = 95  # run 1 is killed at the first step past this with a checkpoint on the remote
 PACE = 0.02  # seconds per step: a real step takes longer; this keeps the example short
-CHILD_ENV = "CKPTSTORE_EXAMPLE_CHILD"  # the child's parameters (JSON), kept out of argv
 
 
 # --- the training script: what a user writes -------------------------------------------------
@@ -65,7 +62,6 @@ def batch(step: int):
 
 
 def train(url: str, storage_options: dict, result: str, name: str) -> None:
-    import numpy as np
     import tensorflow as tf
 
     import ckptstore
@@ -137,120 +133,64 @@ def train(url: str, storage_options: dict, result: str, name: str) -> None:
     print(f"[{name}] trained to step {int(step)}; every checkpoint committed", flush=True)
 
     # Not user code: hand the final values to the orchestrator, which compares the runs.
-    final = model.weights + list(optimizer.variables)
-    arrays = {f"{i:02d}-{v.path.replace('/', '.')}": v.numpy() for i, v in enumerate(final)}
-    np.savez(result, **arrays, step=step.numpy())
+    playground.save_final_values(
+        result, model.weights + list(optimizer.variables), step=step.numpy()
+    )
 
 
 # --- the orchestrator: plays the preemption and the new machine -------------------------------
 
 
-def committed(url: str, options: dict) -> list[str]:
-    """The checkpoints committed on the remote (ckptstore commits each one by its manifest)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    fs.invalidate_cache()
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return []
-    suffix = ".manifest.json"
-    found = [p.rsplit("/", 1)[-1][: -len(suffix)] for p in names if p.endswith(suffix)]
-    return sorted(found, key=lambda n: int(n.rsplit("-", 1)[-1]))
+def start_run(work: str, url: str, options: dict, name: str, **popen) -> subprocess.Popen:
+    """The training script on a new machine; its final values go to ``<work>/<name>.npz``."""
+    result = os.path.join(work, f"{name.replace(' ', '-')}.npz")
+    params = {"url": url, "options": options, "result": result}
+    return playground.start_child(__file__, work, name, params, **popen)
 
 
-def start_child(work: str, url: str, options: dict, name: str, **popen) -> subprocess.Popen:
-    key = name.replace(" ", "-")
-    staging = os.path.join(work, f"machine-{key}")  # a fresh, empty staging base per process
-    env = dict(os.environ, CKPTSTORE_STAGING_DIR=staging)
-    env[CHILD_ENV] = json.dumps(
-        {"url": url, "options": options, "result": os.path.join(work, f"{key}.npz"), "name": name}
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    return subprocess.Popen([sys.executable, __file__], env=env, text=True, **popen)
+def main() -> None:
+    args = playground.arguments(__doc__.split("\n\n")[0]).parse_args()
+    work = tempfile.mkdtemp(prefix="ckptstore-custom-loop-")
+    with playground.remote_base(args, "custom-loop") as (root, options):
+        url, reference_url = f"{root}/resumed", f"{root}/uninterrupted"
+        print(f"custom loop resume: checkpoints to {url}; reference run to {reference_url}\n")
 
-
-def relay(proc: subprocess.Popen, kill_at: int | None = None, url: str = "", options=None):
-    """Print a child's lines; SIGKILL it at the first step past ``kill_at`` once the remote
-    holds a checkpoint. Return its lines and the step it was killed at (None: it ran to the end).
-    """
-    lines = []
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        lines.append(line)
-        m = re.match(r"\[[^]]+\] step +(\d+)", line)
-        if kill_at is not None and m and int(m[1]) >= kill_at and committed(url, options):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        def preempt(line: str) -> int | None:
+            """Run 1 dies at the first step past KILL_AT once the remote holds a checkpoint."""
+            m = re.match(r"\[[^]]+\] step +(\d+)", line)
+            if not (m and int(m[1]) >= KILL_AT and playground.committed(url, options)):
+                return None
             print(
                 f"\n*** SIGKILL: run 1 died at about step {m[1]}, as a preempted machine would "
                 "(no close(), no exit handler) ***\n",
                 flush=True,
             )
-            return lines, int(m[1])
-    if proc.wait() != 0:
-        raise SystemExit(f"example FAILED: a training process exited with {proc.returncode}")
-    return lines, None
+            return int(m[1])
 
-
-def compare(resumed: str, reference: str) -> list[str]:
-    """What differs between two runs' final values (nothing, when the resume is exact)."""
-    import numpy as np
-
-    with np.load(resumed) as a, np.load(reference) as b:
-        if sorted(a.files) != sorted(b.files):
-            return [f"{sorted(a.files)} against {sorted(b.files)}"]
-        return [
-            f"{k}: max |difference| {np.max(np.abs(a[k] - b[k]))}"
-            for k in sorted(a.files)
-            if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k])
-        ]
-
-
-def main() -> None:
-    from local_s3 import arguments, remote_base
-
-    args = arguments(__doc__.split("\n\n")[0]).parse_args()
-    work = tempfile.mkdtemp(prefix="ckptstore-custom-loop-")
-    pipe = {"stdout": subprocess.PIPE}
-    with remote_base(args) as (base, options):
-        root = f"{base}/custom-loop-{uuid.uuid4().hex[:6]}" if args.remote else base
-        url, reference_url = f"{root}/resumed", f"{root}/uninterrupted"
-        print(f"custom loop resume: checkpoints to {url}; reference run to {reference_url}\n")
-        log_path = os.path.join(work, "reference.log")
-        with open(log_path, "w") as log:
-            # The uninterrupted run: the same script, its own URL, beside run 1.
-            reference = start_child(work, reference_url, options, "reference", stdout=log)
-            try:
-                _, killed_at = relay(
-                    start_child(work, url, options, "run 1", **pipe), KILL_AT, url, options
-                )
-                if killed_at is None:
-                    raise SystemExit("example FAILED: run 1 trained to the end, never killed")
-                print(
-                    f"committed on the remote after the kill: {', '.join(committed(url, options))}"
-                )
-                print("[run 2] a new process on an EMPTY staging directory: the remote alone\n")
-                lines, _ = relay(start_child(work, url, options, "run 2", **pipe))
-                if reference.wait() != 0:
-                    raise SystemExit(
-                        f"example FAILED: the reference run exited with {reference.returncode}"
-                    )
-            finally:
-                if reference.poll() is None:  # this run failed: do not leave the reference behind
-                    reference.kill()
-                    reference.wait()
-        with open(log_path) as f:
-            print(f"\nthe uninterrupted reference run: {f.read().splitlines()[-1]}")
+        # The uninterrupted run: the same script, its own URL, beside run 1.
+        reference = playground.Beside(
+            lambda **popen: start_run(work, reference_url, options, "reference", **popen),
+            os.path.join(work, "reference.log"),
+            "the reference run",
+        )
+        with reference:
+            _, killed_at = playground.relay(start_run(work, url, options, "run 1"), preempt)
+            if killed_at is None:
+                playground.fail("run 1 trained to the end, never killed")
+            after_kill = playground.committed(url, options)
+            print(f"committed on the remote after the kill: {', '.join(after_kill)}")
+            print("[run 2] a new process on an EMPTY staging directory: the remote alone\n")
+            lines, _ = playground.relay(start_run(work, url, options, "run 2"))
+        print(f"\nthe uninterrupted reference run: {reference.last_line}")
 
     restored = [int(m[1]) for m in (re.search(r"restored .* step (\d+)", x) for x in lines) if m]
     if not restored or not 0 < restored[0] <= killed_at:
-        raise SystemExit(f"example FAILED: run 2 restored {restored or 'nothing'} from the remote")
-    differences = compare(os.path.join(work, "run-2.npz"), os.path.join(work, "reference.npz"))
+        playground.fail(f"run 2 restored {restored or 'nothing'} from the remote")
+    differences = playground.compare(
+        os.path.join(work, "run-2.npz"), os.path.join(work, "reference.npz")
+    )
     if differences:
-        raise SystemExit("example FAILED: the resumed run differs: " + "; ".join(differences))
+        playground.fail("the resumed run differs: " + "; ".join(differences))
     print(
         f"example OK: killed at step {killed_at}, resumed from step {restored[0]} on the remote "
         f"with an empty staging directory, trained to step {STEPS}: final weights and optimizer "
@@ -260,8 +200,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if CHILD_ENV in os.environ:
-        child = json.loads(os.environ[CHILD_ENV])
+    child = playground.child_parameters()
+    if child is not None:
         train(child["url"], child["options"], child["result"], child["name"])
     else:
         main()

@@ -15,7 +15,7 @@ What it does (``make demo``):
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from playground import committed, digest, local_s3
 
 STEPS = 120
 SAVE_EVERY = 10
@@ -33,10 +35,7 @@ KILL_AT = 75  # the dead run gets this far (and a little further) before SIGKILL
 
 
 def fingerprint(model, optimizer) -> str:
-    digest = hashlib.sha256()
-    for v in model.weights + list(optimizer.variables):
-        digest.update(v.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return digest(model.weights + list(optimizer.variables))
 
 
 def train(remote: str, storage_options: dict, staging: str, journal: str, run: str) -> None:
@@ -124,37 +123,6 @@ def train(remote: str, storage_options: dict, staging: str, journal: str, run: s
 # --- the orchestrator: plays the cloud, the preemption and the new machine ------------------
 
 
-def start_s3() -> tuple[object, str, dict]:
-    import logging
-
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request log lines
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {"key": "demo", "secret": "demo", "client_kwargs": {"endpoint_url": endpoint}}
-    import s3fs
-
-    s3fs.S3FileSystem(**options).mkdir("demo")
-    return server, endpoint, options
-
-
-def committed_on(remote: str, options: dict) -> list[str]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(remote, **options)
-    fs.invalidate_cache()
-    return sorted(
-        p.rsplit("/", 1)[-1][: -len(".manifest.json")]
-        for p in fs.ls(root, detail=False)
-        if p.endswith(".manifest.json")
-    )
-
-
 def run_child(args: list[str], kill_at: int | None) -> None:
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -188,21 +156,22 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the children's TensorFlow: quiet
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     work = tempfile.mkdtemp(prefix="ckptstore-demo-")
-    if args.remote == "s3":
-        server, endpoint, options = start_s3()
-        remote = "s3://demo/run-1"
-        print(f"ckptstore demo: remote {remote} on a local S3 server at {endpoint}\n")
-    else:
-        server, options = None, {}
-        remote = f"file://{work}/remote"
-        print(f"ckptstore demo: remote {remote} (a local directory stands in for the cloud)\n")
-    journal = os.path.join(work, "journal.json")  # only to check the values, never to restore
-    try:
+    with contextlib.ExitStack() as cloud:
+        if args.remote == "s3":
+            options = cloud.enter_context(local_s3("demo", key="demo"))  # stopped on leaving
+            remote = "s3://demo/run-1"
+            endpoint = options["client_kwargs"]["endpoint_url"]
+            print(f"ckptstore demo: remote {remote} on a local S3 server at {endpoint}\n")
+        else:
+            options = {}
+            remote = f"file://{work}/remote"
+            print(f"ckptstore demo: remote {remote} (a local directory stands in for the cloud)\n")
+        journal = os.path.join(work, "journal.json")  # only to check the values, never to restore
         run_child(
             ["--child", remote, json.dumps(options), f"{work}/staging-run1", journal, "run 1"],
             kill_at=KILL_AT,
         )
-        print(f"committed on the remote after the kill: {', '.join(committed_on(remote, options))}")
+        print(f"committed on the remote after the kill: {', '.join(committed(remote, options))}")
         print(
             "[run 2] a new process with an EMPTY staging directory: everything comes from "
             "the remote\n",
@@ -212,11 +181,8 @@ def main() -> None:
             ["--child", remote, json.dumps(options), f"{work}/staging-run2", journal, "run 2"],
             kill_at=None,
         )
-        print(f"\ncommitted on the remote at the end: {', '.join(committed_on(remote, options))}")
+        print(f"\ncommitted on the remote at the end: {', '.join(committed(remote, options))}")
         print("demo OK: killed mid-run, resumed from the remote alone, values verified")
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

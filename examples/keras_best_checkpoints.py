@@ -32,7 +32,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from local_s3 import arguments, remote_base
+import playground
 
 EPOCHS = 8
 
@@ -57,14 +57,14 @@ def build_model():
 
 
 def main() -> int:
-    args = arguments(__doc__.splitlines()[0]).parse_args()
+    args = playground.arguments(__doc__.splitlines()[0]).parse_args()
     import keras
 
     import ckptstore.keras
 
     keras.utils.set_random_seed(0)
     (x, y), (vx, vy) = data()
-    with remote_base(args) as (base, options):
+    with playground.remote_base(args) as (base, options):
         url = f"{base}/best.keras"
         print(f"best-only checkpoints to {url}")
 

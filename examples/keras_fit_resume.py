@@ -37,16 +37,15 @@ The last line is ``example OK: ...`` on success.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
+
+import playground
 
 EPOCHS = 4
 BATCH_SIZE = 32
@@ -54,7 +53,6 @@ BATCHES = 64  # per epoch
 SAVE_FREQ = 20  # batches between backups (counted across epochs, as Keras counts)
 KILL_EPOCH = 2  # run 1 is killed in this epoch (zero-based), mid-epoch, once a backup is committed
 PACE = 0.01  # seconds per batch: a real step takes longer; this keeps the example short
-CHILD_ENV = "CKPTSTORE_EXAMPLE_CHILD"  # the child's parameters (JSON), kept out of argv
 
 
 # --- the notebook: what a user runs --------------------------------------------------------------
@@ -115,112 +113,61 @@ def notebook(url: str | None, storage_options: dict, result: str, name: str) -> 
     print(f"[{name}] fit() done at optimizer step {int(model.optimizer.iterations)}", flush=True)
 
     # Not user code: hand the final values to the orchestrator, which compares the runs.
-    final = model.variables + list(model.optimizer.variables)
-    np.savez(
-        result, **{f"{i:02d}-{v.path.replace('/', '.')}": v.numpy() for i, v in enumerate(final)}
-    )
+    playground.save_final_values(result, model.variables + list(model.optimizer.variables))
 
 
 # --- the orchestrator: plays the lost runtime and the new one -------------------------------------
 
 
-def committed(url: str, options: dict) -> list[str]:
-    """The backups committed on the remote (ckptstore commits each one by its manifest)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    fs.invalidate_cache()
-    try:
-        names = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return []
-    suffix = ".manifest.json"
-    return sorted(p.rsplit("/", 1)[-1][: -len(suffix)] for p in names if p.endswith(suffix))
+def start_run(work: str, url: str | None, options: dict, name: str, **popen) -> subprocess.Popen:
+    """The notebook on a new runtime; its final values go to ``<work>/<name>.npz``."""
+    result = os.path.join(work, f"{name.replace(' ', '-')}.npz")
+    params = {"url": url, "options": options, "result": result}
+    # oneDNN off even if the environment turns it on: the runs must compute the same bits.
+    env = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    return playground.start_child(__file__, work, name, params, env=env, **popen)
 
 
-def start_child(work: str, url: str | None, options: dict, name: str, **popen) -> subprocess.Popen:
-    key = name.replace(" ", "-")
-    staging = os.path.join(work, f"machine-{key}")  # a fresh, empty staging base per process
-    env = dict(os.environ, CKPTSTORE_STAGING_DIR=staging)
-    env[CHILD_ENV] = json.dumps(
-        {"url": url, "options": options, "result": os.path.join(work, f"{key}.npz"), "name": name}
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env["TF_ENABLE_ONEDNN_OPTS"] = "0"
-    return subprocess.Popen([sys.executable, __file__], env=env, text=True, **popen)
+def main() -> None:
+    args = playground.arguments(__doc__.split("\n\n")[0]).parse_args()
+    work = tempfile.mkdtemp(prefix="ckptstore-keras-fit-")
+    with playground.remote_base(args, "keras-fit") as (root, options):
+        url = f"{root}/backup"
+        print(f"keras fit() resume: backups to {url}\n")
 
-
-def relay(proc: subprocess.Popen, url: str = "", options=None, kill: bool = False):
-    """Print a child's lines; with ``kill``, SIGKILL it mid-epoch KILL_EPOCH once the remote
-    holds a backup. Return its lines and where it was killed (None: it ran to the end).
-    """
-    lines = []
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        lines.append(line)
-        m = re.match(r"\[[^]]+\] epoch (\d+) batch +(\d+)", line)
-        if kill and m and int(m[1]) == KILL_EPOCH and int(m[2]) > 0 and committed(url, options):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        def lose_runtime(line: str) -> tuple[int, int] | None:
+            """Run 1 dies mid-epoch KILL_EPOCH, once the remote holds a backup."""
+            m = re.match(r"\[[^]]+\] epoch (\d+) batch +(\d+)", line)
+            if not (
+                m
+                and int(m[1]) == KILL_EPOCH
+                and int(m[2]) > 0
+                and playground.committed(url, options)
+            ):
+                return None
             print(
                 f"\n*** SIGKILL: the runtime is lost in epoch {m[1]}, a few batches past batch "
                 f"{m[2]} (no on_train_end, no exit handler) ***\n",
                 flush=True,
             )
-            return lines, (int(m[1]), int(m[2]))
-    if proc.wait() != 0:
-        raise SystemExit(f"example FAILED: a training process exited with {proc.returncode}")
-    return lines, None
+            return int(m[1]), int(m[2])
 
-
-def compare(resumed: str, reference: str) -> list[str]:
-    """What differs between two runs' final values (nothing, when the resume is exact)."""
-    import numpy as np
-
-    with np.load(resumed) as a, np.load(reference) as b:
-        if sorted(a.files) != sorted(b.files):
-            return [f"{sorted(a.files)} against {sorted(b.files)}"]
-        return [
-            f"{k}: max |difference| {np.max(np.abs(a[k] - b[k]))}"
-            for k in sorted(a.files)
-            if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k])
-        ]
-
-
-def main() -> None:
-    from local_s3 import arguments, remote_base
-
-    args = arguments(__doc__.split("\n\n")[0]).parse_args()
-    work = tempfile.mkdtemp(prefix="ckptstore-keras-fit-")
-    pipe = {"stdout": subprocess.PIPE}
-    with remote_base(args) as (base, options):
-        url = f"{base}/keras-fit-{uuid.uuid4().hex[:6]}/backup" if args.remote else f"{base}/backup"
-        print(f"keras fit() resume: backups to {url}\n")
-        log_path = os.path.join(work, "reference.log")
-        with open(log_path, "w") as log:
-            # The uninterrupted run: the same notebook without the callback, beside run 1.
-            reference = start_child(work, None, options, "reference", stdout=log)
-            try:
-                _, killed = relay(
-                    start_child(work, url, options, "run 1", **pipe), url, options, True
-                )
-                if killed is None:
-                    raise SystemExit("example FAILED: run 1 trained to the end, never killed")
-                after_kill = committed(url, options)
-                print(f"committed on the remote after the kill: {', '.join(after_kill)}")
-                print("[run 2] the same cell on a new runtime, with an EMPTY staging directory\n")
-                lines, _ = relay(start_child(work, url, options, "run 2", **pipe))
-                if reference.wait() != 0:
-                    raise SystemExit(
-                        f"example FAILED: the reference exited with {reference.returncode}"
-                    )
-            finally:
-                if reference.poll() is None:  # this run failed: do not leave the reference behind
-                    reference.kill()
-                    reference.wait()
-        left = committed(url, options)
-    with open(log_path) as f:
-        print(f"\nthe uninterrupted reference: {f.read().splitlines()[-1]}")
+        # The uninterrupted run: the same notebook without the callback, beside run 1.
+        reference = playground.Beside(
+            lambda **popen: start_run(work, None, options, "reference", **popen),
+            os.path.join(work, "reference.log"),
+            "the reference",
+        )
+        with reference:
+            _, killed = playground.relay(start_run(work, url, options, "run 1"), lose_runtime)
+            if killed is None:
+                playground.fail("run 1 trained to the end, never killed")
+            after_kill = playground.committed(url, options)
+            print(f"committed on the remote after the kill: {', '.join(after_kill)}")
+            print("[run 2] the same cell on a new runtime, with an EMPTY staging directory\n")
+            lines, _ = playground.relay(start_run(work, url, options, "run 2"))
+        left = playground.committed(url, options)
+    print(f"\nthe uninterrupted reference: {reference.last_line}")
 
     starts = [
         int(m[1]) for m in (re.search(r"starts at .*optimizer step (\d+)", x) for x in lines) if m
@@ -229,14 +176,16 @@ def main() -> None:
     # newest one committed when run 1 died, mid-epoch.
     newest = max(int(name.rsplit("-", 1)[1]) for name in after_kill) * SAVE_FREQ
     if starts != [newest]:
-        raise SystemExit(f"example FAILED: run 2 resumed from {starts}, not step {newest}")
+        playground.fail(f"run 2 resumed from {starts}, not step {newest}")
     if newest % BATCHES == 0:
-        raise SystemExit("example FAILED: the backup restored was not a mid-epoch one")
-    differences = compare(os.path.join(work, "run-2.npz"), os.path.join(work, "reference.npz"))
+        playground.fail("the backup restored was not a mid-epoch one")
+    differences = playground.compare(
+        os.path.join(work, "run-2.npz"), os.path.join(work, "reference.npz")
+    )
     if differences:
-        raise SystemExit("example FAILED: the resumed run differs: " + "; ".join(differences))
+        playground.fail("the resumed run differs: " + "; ".join(differences))
     if left:
-        raise SystemExit(f"example FAILED: the backup is still on the remote: {left}")
+        playground.fail(f"the backup is still on the remote: {left}")
     epoch, batch = divmod(starts[0], BATCHES)
     print(
         f"example OK: killed in epoch {killed[0]} past batch {killed[1]}, resumed at epoch "
@@ -248,8 +197,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if CHILD_ENV in os.environ:
-        child = json.loads(os.environ[CHILD_ENV])
+    child = playground.child_parameters()
+    if child is not None:
         notebook(child["url"], child["options"], child["result"], child["name"])
     else:
         main()

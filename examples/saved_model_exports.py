@@ -36,7 +36,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from local_s3 import arguments, remote_base
+import playground
 
 EPOCHS = 5
 KEEP = 3
@@ -52,7 +52,7 @@ def data():
 
 
 def main() -> int:
-    args = arguments(__doc__.splitlines()[0]).parse_args()
+    args = playground.arguments(__doc__.splitlines()[0]).parse_args()
     import keras
     import numpy as np
 
@@ -60,7 +60,7 @@ def main() -> int:
 
     keras.utils.set_random_seed(0)
     x, y = data()
-    with remote_base(args) as (base, options):
+    with playground.remote_base(args) as (base, options):
         exports = f"{base}/exports"
         print(f"exporting every epoch to {exports}/<version>/")
 

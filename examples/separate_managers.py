@@ -51,31 +51,21 @@ there. The last line is ``example OK: ...`` on success.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import uuid
+
+import playground
 
 MODEL_EVERY, MODEL_KEEP = 4, 5
 TRAIN_EVERY, TRAIN_KEEP = 10, 2
 RUN1_STEPS, RUN2_STEPS = 46, 60
 PACE = 0.01  # seconds per step: a real step takes longer
-CHILD_ENV = "CKPTSTORE_EXAMPLE_CHILD"  # the child's parameters (JSON), kept out of argv
 
 
 # --- not user code: what run 1 saved, to check what run 2 restores --------------------------
-
-
-def fingerprint(variables) -> str:
-    digest = hashlib.sha256()
-    for v in variables:
-        digest.update(v.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class Journal:
@@ -98,12 +88,6 @@ class Journal:
         return step, self.saved[kind][str(step)]
 
 
-def check(what: str, ok: bool, name: str) -> None:
-    print(f"[{name}]   {what}: {'YES' if ok else 'NO'}", flush=True)
-    if not ok:
-        raise SystemExit(f"example FAILED: {what}")
-
-
 # --- the training script: what a user writes -------------------------------------------------
 
 
@@ -121,7 +105,8 @@ def train(base: str, storage_options: dict, until: int, journal_path: str, name:
 
     import ckptstore
 
-    journal = Journal(journal_path)
+    # Not user code: what run 1 saved, and the start of this process's check lines.
+    journal, indent = Journal(journal_path), f"[{name}]   "
     tf.keras.utils.set_random_seed(0)
     tf.config.experimental.enable_op_determinism()
     model = tf.keras.Sequential(
@@ -175,21 +160,21 @@ def train(base: str, storage_options: dict, until: int, journal_path: str, name:
         # Not user code: what came back is what run 1 saved last, in each checkpoint.
         model_step, model_saved = journal.last("model")
         state_step, (iterations, train_saved) = journal.last("train_state")
-        check(
+        playground.check(
             f"model weights equal run 1's at its last model save (step {model_step})",
-            fingerprint(model.weights) == model_saved,
-            name,
+            playground.digest(model.weights) == model_saved,
+            indent,
         )
-        check(
+        playground.check(
             f"optimizer iterations {int(optimizer.iterations)} and step {int(step)} equal run "
             f"1's at its last training-state save (step {state_step}: {iterations})",
             int(optimizer.iterations) == iterations == int(step) == state_step,
-            name,
+            indent,
         )
-        check(
+        playground.check(
             "Adam's slots equal run 1's at that save",
-            fingerprint(optimizer.variables) == train_saved,
-            name,
+            playground.digest(optimizer.variables) == train_saved,
+            indent,
         )
         # The two halves come from different steps. For a consistent pair, take the model
         # checkpoint of the optimizer's step (numbered by step, and kept: 10 is a multiple of 4).
@@ -200,10 +185,10 @@ def train(base: str, storage_options: dict, until: int, journal_path: str, name:
                 flush=True,
             )
             model_ckpt.restore(model_manager.fetch(f"ckpt-{int(step)}"))
-            check(
+            playground.check(
                 f"model weights equal run 1's at step {int(step)}",
-                fingerprint(model.weights) == journal.saved["model"].get(str(int(step))),
-                name,
+                playground.digest(model.weights) == journal.saved["model"].get(str(int(step))),
+                indent,
             )
 
     @tf.function
@@ -224,15 +209,15 @@ def train(base: str, storage_options: dict, until: int, journal_path: str, name:
             # Not user code: a recomputed step must give run 1's weights again.
             before = journal.saved["model"].get(str(s))
             if before is not None:
-                check(
+                playground.check(
                     f"step {s} recomputed: weights equal run 1's",
-                    fingerprint(model.weights) == before,
-                    name,
+                    playground.digest(model.weights) == before,
+                    indent,
                 )
-            journal.record("model", s, fingerprint(model.weights))
+            journal.record("model", s, playground.digest(model.weights))
         if s % TRAIN_EVERY == 0:
             saved.append(f"train_state/{os.path.basename(train_manager.save(checkpoint_number=s))}")
-            journal.record("train_state", s, [s, fingerprint(optimizer.variables)])
+            journal.record("train_state", s, [s, playground.digest(optimizer.variables)])
         if saved:
             print(
                 f"[{name}] step {s:2d}  loss {float(loss):.5f}  saved {', '.join(saved)}",
@@ -247,35 +232,12 @@ def train(base: str, storage_options: dict, until: int, journal_path: str, name:
 # --- the orchestrator: two processes, one after the other, on different staging dirs ------
 
 
-def committed(url: str, options: dict) -> list[str]:
-    """The checkpoints committed on the remote (ckptstore commits each one by its manifest)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    fs.invalidate_cache()
-    suffix = ".manifest.json"
-    names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    found = [n[: -len(suffix)] for n in names if n.endswith(suffix)]
-    return sorted(found, key=lambda n: int(n.rsplit("-", 1)[-1]))
-
-
 def run(work: str, base: str, options: dict, until: int, name: str) -> None:
-    staging = os.path.join(work, f"machine-{name.replace(' ', '-')}")  # fresh and empty
-    env = dict(os.environ, CKPTSTORE_STAGING_DIR=staging)
-    env[CHILD_ENV] = json.dumps(
-        {
-            "base": base,
-            "options": options,
-            "until": until,
-            "journal": os.path.join(work, "journal.json"),
-            "name": name,
-        }
-    )
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    code = subprocess.call([sys.executable, __file__], env=env)
+    journal = os.path.join(work, "journal.json")
+    params = {"base": base, "options": options, "until": until, "journal": journal}
+    code = playground.start_child(__file__, work, name, params, stdout=None).wait()
     if code != 0:
-        raise SystemExit(f"example FAILED: {name} exited with {code}")
+        playground.fail(f"{name} exited with {code}")
 
 
 def expect_on_remote(base: str, options: dict, last: int) -> None:
@@ -283,21 +245,18 @@ def expect_on_remote(base: str, options: dict, last: int) -> None:
         ("model", MODEL_EVERY, MODEL_KEEP),
         ("train_state", TRAIN_EVERY, TRAIN_KEEP),
     ):
-        names = committed(f"{base}/{kind}", options)
+        names = playground.committed(f"{base}/{kind}", options)
         steps = [s for s in range(every, last + 1, every)][-keep:]
         expected = [f"ckpt-{s}" for s in steps]
         print(f"  {base}/{kind}: {', '.join(names)}")
         if names != expected:
-            raise SystemExit(f"example FAILED: {base}/{kind} holds {names}, not {expected}")
+            playground.fail(f"{base}/{kind} holds {names}, not {expected}")
 
 
 def main() -> None:
-    from local_s3 import arguments, remote_base
-
-    args = arguments(__doc__.split("\n\n")[0]).parse_args()
+    args = playground.arguments(__doc__.split("\n\n")[0]).parse_args()
     work = tempfile.mkdtemp(prefix="ckptstore-separate-")
-    with remote_base(args) as (root, options):
-        base = f"{root}/separate-{uuid.uuid4().hex[:6]}" if args.remote else root
+    with playground.remote_base(args, "separate") as (base, options):
         print(
             f"separate managers: model to {base}/model, optimizer and step to {base}/train_state\n"
         )
@@ -317,8 +276,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if CHILD_ENV in os.environ:
-        child = json.loads(os.environ[CHILD_ENV])
+    child = playground.child_parameters()
+    if child is not None:
         train(child["base"], child["options"], child["until"], child["journal"], child["name"])
     else:
         main()

@@ -32,23 +32,19 @@ The last line is ``example OK: ...`` on success.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-import uuid
+
+import playground
 
 STEPS = 120
 SAVE_EVERY = 25  # the periodic backup, for a VM that vanishes without a signal
 SIGTERM_AT = 45  # the platform sends SIGTERM once VM 1 reports this step
 PACE = 0.03  # seconds per step: a real step takes longer; this keeps the example short
 TF_EXIT_STATUS = 42  # TensorFlow's default exit_fn outside GCP: sys.exit(42)
-CHILD_ENV = "CKPTSTORE_EXAMPLE_CHILD"  # the child's parameters (JSON), kept out of argv
 
 
 # --- the training script: what a user writes -------------------------------------------------
@@ -126,39 +122,10 @@ def train(url: str, storage_options: dict, name: str) -> None:
 
 def fingerprint(variables) -> str:
     """sha256 of the values of ``variables``: equal fingerprints, equal bits."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for v in variables:
-        digest.update(v.numpy().tobytes())
-    return f"sha256 {digest.hexdigest()[:16]} of {len(variables)} variables"
+    return f"sha256 {playground.digest(variables)} of {len(variables)} variables"
 
 
 # --- the orchestrator: plays the platform ----------------------------------------------------
-
-
-def start_vm(work: str, url: str, options: dict, name: str) -> subprocess.Popen:
-    staging = os.path.join(work, name.replace(" ", "-"))  # an empty staging base per VM
-    env = dict(os.environ, CKPTSTORE_STAGING_DIR=staging)
-    env[CHILD_ENV] = json.dumps({"url": url, "options": options, "name": name})
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    return subprocess.Popen([sys.executable, __file__], env=env, text=True, stdout=subprocess.PIPE)
-
-
-def relay(proc: subprocess.Popen, sigterm_at: int | None = None) -> tuple[list[str], float]:
-    """Print a VM's lines, SIGTERM it once it reports ``sigterm_at``; its lines and exit time."""
-    lines, sent = [], None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        lines.append(line)
-        m = re.match(r"\[[^]]+\] step +(\d+)", line)
-        if sigterm_at is not None and sent is None and m and int(m[1]) >= sigterm_at:
-            proc.send_signal(signal.SIGTERM)
-            sent = time.monotonic()
-            print(f"\n*** SIGTERM: the platform reclaims the VM at step {m[1]} ***\n", flush=True)
-    proc.wait()
-    return lines, (time.monotonic() - sent) if sent is not None else 0.0
 
 
 def step_and_fingerprint(lines: list[str], what: str) -> tuple[int, str]:
@@ -166,44 +133,46 @@ def step_and_fingerprint(lines: list[str], what: str) -> tuple[int, str]:
         m = re.match(rf"\[[^]]+\] {what} at step (\d+)  (.*)$", line.rstrip("\n"))
         if m:
             return int(m[1]), m[2]
-    raise SystemExit(f"example FAILED: no '{what} at step' line")
+    playground.fail(f"no '{what} at step' line")
 
 
 def main() -> None:
-    from local_s3 import arguments, remote_base
-
-    args = arguments(__doc__.split("\n\n")[0]).parse_args()
+    args = playground.arguments(__doc__.split("\n\n")[0]).parse_args()
     work = tempfile.mkdtemp(prefix="ckptstore-spot-vm-")
-    with remote_base(args) as (base, options):
-        url = f"{base}/spot-vm-{uuid.uuid4().hex[:6]}" if args.remote else base
+    with playground.remote_base(args, "spot-vm") as (url, options):
         print(f"spot VM training: checkpoints to {url}\n")
-        vm1 = start_vm(work, url, options, "vm 1")
-        lines, took = relay(vm1, SIGTERM_AT)
+
+        def reclaim(line: str) -> float | None:
+            """The platform sends SIGTERM once VM 1 reports SIGTERM_AT: when it sent it."""
+            m = re.match(r"\[[^]]+\] step +(\d+)", line)
+            if not (m and int(m[1]) >= SIGTERM_AT):
+                return None
+            print(f"\n*** SIGTERM: the platform reclaims the VM at step {m[1]} ***\n", flush=True)
+            return time.monotonic()
+
+        vm1 = playground.start_child(__file__, work, "vm 1", {"url": url, "options": options})
+        lines, sent = playground.relay(vm1, reclaim, signal.SIGTERM)
+        took = time.monotonic() - sent if sent is not None else 0.0
         if vm1.returncode != TF_EXIT_STATUS:
-            raise SystemExit(
-                f"example FAILED: VM 1 exited with {vm1.returncode}, not TensorFlow's "
-                f"{TF_EXIT_STATUS}"
-            )
+            playground.fail(f"VM 1 exited with {vm1.returncode}, not TensorFlow's {TF_EXIT_STATUS}")
         saved, saved_print = step_and_fingerprint(lines, "exiting")
         print(
             f"\nVM 1 exited with status {vm1.returncode}, {took:.1f} s after SIGTERM, its "
             f"step-{saved} checkpoint committed\n"
         )
         print("[vm 2] a new machine, an EMPTY staging directory: the remote alone\n")
-        vm2 = start_vm(work, url, options, "vm 2")
-        lines, _ = relay(vm2)
-        if vm2.returncode != 0:
-            raise SystemExit(f"example FAILED: VM 2 exited with {vm2.returncode}")
+        vm2 = playground.start_child(__file__, work, "vm 2", {"url": url, "options": options})
+        lines, _ = playground.relay(vm2)
     restored, restored_print = step_and_fingerprint(lines, "starting")
     if saved <= SIGTERM_AT:
-        raise SystemExit(f"example FAILED: VM 1 saved step {saved}, before the signal")
+        playground.fail(f"VM 1 saved step {saved}, before the signal")
     if restored != saved or restored_print != saved_print:
-        raise SystemExit(
-            f"example FAILED: VM 2 restored step {restored} ({restored_print}); VM 1 saved "
+        playground.fail(
+            f"VM 2 restored step {restored} ({restored_print}); VM 1 saved "
             f"step {saved} ({saved_print})"
         )
     if not any(f"trained to step {STEPS}" in line for line in lines):
-        raise SystemExit("example FAILED: VM 2 did not train to the end")
+        playground.fail("VM 2 did not train to the end")
     print(
         f"example OK: SIGTERM at step {SIGTERM_AT}; TensorFlow's handler saved step {saved} and "
         f"VM 1 exited with status {TF_EXIT_STATUS} {took:.1f} s later, the checkpoint committed; "
@@ -214,8 +183,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if CHILD_ENV in os.environ:
-        child = json.loads(os.environ[CHILD_ENV])
+    child = playground.child_parameters()
+    if child is not None:
         train(child["url"], child["options"], child["name"])
     else:
         main()

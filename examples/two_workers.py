@@ -45,18 +45,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
+
+import playground
 
 STEPS = 60
 SAVE_EVERY = 5
 KILL_AT = 25  # run 1 is killed once the chief passed this step with a checkpoint committed
 PACE = 0.03  # seconds per step: a real step takes longer; this keeps the example short
 GLOBAL_BATCH = 32
-CHILD_ENV = "CKPTSTORE_EXAMPLE_CHILD"  # the child's parameters (JSON), kept out of argv
 TIMEOUT = 60.0  # seconds a run may take (TensorFlow's start-up included)
 
 
@@ -70,16 +69,6 @@ def batch(step: int, task: int):
     rng = np.random.default_rng(step * 100 + task)
     x = rng.standard_normal((GLOBAL_BATCH // 2, 8)).astype("float32")
     return x, np.sin(x).sum(axis=1, keepdims=True).astype("float32")
-
-
-def digest(variables) -> str:
-    """Not user code: a fingerprint of the values, to compare the workers and the runs."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for v in variables:
-        h.update(v.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def train(url: str, storage_options: dict, name: str) -> None:
@@ -120,7 +109,7 @@ def train(url: str, storage_options: dict, name: str) -> None:
     if manager.latest_checkpoint:
         print(
             f"[{name}] restored {os.path.basename(manager.latest_checkpoint)}: "
-            f"step {int(step.numpy())}, weights {digest(values)}",
+            f"step {int(step.numpy())}, weights {playground.digest(values)}",
             flush=True,
         )
     else:
@@ -149,7 +138,8 @@ def train(url: str, storage_options: dict, name: str) -> None:
             )
             print(
                 f"[{name}] step {int(step.numpy()):2d}  saved {os.path.basename(path)}  "
-                f"weights {digest(values)}  {where}  bytes uploaded: {status.bytes_uploaded}",
+                f"weights {playground.digest(values)}  {where}  "
+                f"bytes uploaded: {status.bytes_uploaded}",
                 flush=True,
             )
         time.sleep(PACE)
@@ -182,16 +172,15 @@ def start_cluster(work: str, url: str, options: dict, run: str) -> list[subproce
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
-        name = f"{run} worker {index}"
-        env = dict(os.environ, CKPTSTORE_STAGING_DIR=os.path.join(work, name.replace(" ", "-")))
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        )
-        env[CHILD_ENV] = json.dumps({"url": url, "options": options, "name": name})
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         procs.append(
-            subprocess.Popen([sys.executable, __file__], env=env, text=True, stdout=subprocess.PIPE)
+            playground.start_child(
+                __file__,
+                work,
+                f"{run} worker {index}",
+                {"url": url, "options": options},
+                env={"TF_CONFIG": json.dumps(tf_config)},
+            )
         )
     return procs
 
@@ -218,9 +207,7 @@ def relay(procs: list[subprocess.Popen], kill_when=None) -> tuple[list[str], boo
         except queue.Empty:
             for proc in procs:
                 proc.kill()
-            raise SystemExit(
-                f"example FAILED: the workers did not finish in {TIMEOUT:.0f} s"
-            ) from None
+            playground.fail(f"the workers did not finish in {TIMEOUT:.0f} s")
         if line is None:
             open_pipes -= 1
             continue
@@ -238,26 +225,19 @@ def relay(procs: list[subprocess.Popen], kill_when=None) -> tuple[list[str], boo
     for proc in procs:
         code = proc.wait()
         if not killed and code != 0:
-            raise SystemExit(f"example FAILED: a worker exited with {code}")
+            playground.fail(f"a worker exited with {code}")
     return seen, killed
 
 
-def committed(url: str, options: dict) -> dict[str, dict]:
+def manifests(url: str, options: dict) -> dict[str, dict]:
     """The checkpoints committed on the remote, oldest first, with their manifests."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url, **options)
-    fs.invalidate_cache()
-    suffix = ".manifest.json"
-    names = sorted(
-        (
-            p.rsplit("/", 1)[-1][: -len(suffix)]
-            for p in fs.ls(root, detail=False)
-            if p.endswith(suffix)
-        ),
-        key=lambda n: int(n.rsplit("-", 1)[-1]),
-    )
-    return {n: json.loads(fs.cat_file(f"{root}/{n}{suffix}")) for n in names}
+    return {
+        n: json.loads(fs.cat_file(f"{root}/{n}.manifest.json"))
+        for n in playground.committed(url, options)
+    }
 
 
 def lease_pid(url: str, options: dict) -> int:
@@ -267,19 +247,10 @@ def lease_pid(url: str, options: dict) -> int:
     return int(json.loads(fs.cat_file(f"{root}/ckptstore.lease.json"))["pid"])
 
 
-def check(what: str, ok: bool) -> None:
-    print(f"  {what}: {'YES' if ok else 'NO'}", flush=True)
-    if not ok:
-        raise SystemExit(f"example FAILED: {what}")
-
-
 def main() -> None:
-    from local_s3 import arguments, remote_base
-
-    args = arguments(__doc__.split("\n\n")[0]).parse_args()
+    args = playground.arguments(__doc__.split("\n\n")[0]).parse_args()
     work = tempfile.mkdtemp(prefix="ckptstore-two-workers-")
-    with remote_base(args) as (base, options):
-        url = f"{base}/two-workers-{uuid.uuid4().hex[:6]}" if args.remote else base
+    with playground.remote_base(args, "two-workers") as (url, options):
         print(f"two workers, one machine: checkpoints to {url}\n")
 
         # Run 1: killed once the chief (worker 0) passed KILL_AT with a commit on the remote.
@@ -290,10 +261,10 @@ def main() -> None:
         run1 = start_cluster(work, url, options, "run 1")
         lines1, killed = relay(run1, chief_far_enough)
         if not killed:
-            raise SystemExit("example FAILED: run 1 trained to the end, never killed")
-        manifests = committed(url, options)
-        newest = list(manifests)[-1]
-        print(f"committed on the remote after the kill: {', '.join(manifests)}")
+            playground.fail("run 1 trained to the end, never killed")
+        before = manifests(url, options)
+        newest = list(before)[-1]
+        print(f"committed on the remote after the kill: {', '.join(before)}")
         chief_saves = {
             m[1]: m[2]
             for m in (
@@ -308,15 +279,15 @@ def main() -> None:
             if m
         ]
         print("\nrun 1, only the chief wrote the remote:")
-        check(
+        playground.check(
             "worker 1 saved every time, and uploaded 0 bytes",
             bool(worker_bytes) and set(worker_bytes) == {0},
         )
-        check(
+        playground.check(
             f"every committed checkpoint was written by worker 0 (pid {run1[0].pid})",
-            all(m["writer"]["pid"] == run1[0].pid for m in manifests.values()),
+            all(m["writer"]["pid"] == run1[0].pid for m in before.values()),
         )
-        check("the writer lease is worker 0's", lease_pid(url, options) == run1[0].pid)
+        playground.check("the writer lease is worker 0's", lease_pid(url, options) == run1[0].pid)
 
         # Run 2: both restart on empty staging directories; both restore the same commit.
         print(
@@ -332,23 +303,23 @@ def main() -> None:
             )
             if m
         ]
-        manifests2 = committed(url, options)
+        after = manifests(url, options)
         print("\nrun 2:")
-        check(
+        playground.check(
             f"both workers restored {newest}, the newest commit at the kill",
             [r[0] for r in restored] == [newest] * 2,
         )
-        check(
+        playground.check(
             f"both restored the weights the chief saved in {newest}, bit for bit",
             [r[1] for r in restored] == [chief_saves.get(newest)] * 2,
         )
-        new = [n for n, m in manifests2.items() if n not in manifests]
-        check(
+        new = [n for n in after if n not in before]
+        playground.check(
             f"the new commits ({', '.join(new)}) were written by worker 0 (pid {run2[0].pid})",
-            bool(new) and all(manifests2[n]["writer"]["pid"] == run2[0].pid for n in new),
+            bool(new) and all(after[n]["writer"]["pid"] == run2[0].pid for n in new),
         )
         ends = [x for x in lines2 if re.match(r"\[run 2 worker \d\] trained to step", x)]
-        check(
+        playground.check(
             f"both trained to step {STEPS}; worker 1 uploaded 0 bytes and never was the writer",
             len(ends) == 2
             and all(f"trained to step {STEPS};" in x for x in ends)
@@ -368,8 +339,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if CHILD_ENV in os.environ:
-        child = json.loads(os.environ[CHILD_ENV])
+    child = playground.child_parameters()
+    if child is not None:
         train(child["url"], child["options"], child["name"])
     else:
         main()

@@ -120,13 +120,18 @@ def assert_backup_deleted(spec) -> None:
     assert [n for n in spec.names() if not n.startswith(LEASE)] == []
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, np.ndarray]:
-    """The uninterrupted run: a plain fit() without the callback."""
-    out = tmp_path_factory.mktemp("reference") / "reference.npz"
+def uninterrupted_fit(directory) -> dict[str, np.ndarray]:
+    """The final state of a plain fit() without the callback, run in ``directory``."""
+    out = directory / "reference.npz"
     lines = run_child(out)
     assert lines[-1] == f"done {EPOCHS * BATCHES}"
     return final_state(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, np.ndarray]:
+    """The uninterrupted run: a plain fit() without the callback."""
+    return uninterrupted_fit(tmp_path_factory.mktemp("reference"))
 
 
 # --- killed mid-epoch, resumed on an empty machine -------------------------------------------

@@ -62,6 +62,18 @@ def child_env(config: str | None) -> dict[str, str]:
     return env
 
 
+def run_alone(child: dict[str, Any], config: str | None) -> subprocess.CompletedProcess:
+    """One ``multi_worker_child.py`` with ``TF_CONFIG`` ``config`` (None: unset), run to its end
+    without a partner (it must not wait for one), its output captured."""
+    return subprocess.run(
+        [sys.executable, CHILD, json.dumps(child)],
+        env=child_env(config),
+        capture_output=True,
+        text=True,
+        timeout=STARTUP,
+    )
+
+
 class Worker:
     """One worker process; its ``KEY k=v ...`` lines are parsed as they come."""
 
@@ -352,13 +364,7 @@ def test_a_worker_with_a_malformed_tf_config_fails_with_tensorflows_error_and_wr
             "pace": 0.0,
         }
         text = config if isinstance(config, str) else json.dumps(config)
-        proc = subprocess.run(
-            [sys.executable, CHILD, json.dumps(child)],
-            env=child_env(text),
-            capture_output=True,
-            text=True,
-            timeout=STARTUP,
-        )
+        proc = run_alone(child, text)
         assert proc.returncode != 0, proc.stdout
         assert error in proc.stderr, proc.stderr[-3000:]
         assert "ROLE" not in proc.stdout, proc.stdout
@@ -391,13 +397,7 @@ def test_parameter_server_strategy_is_refused_with_a_url_and_works_on_a_plain_pa
             "staging": str(tmp_path / "staging"),
             "shared": str(tmp_path / "shared"),
         }
-        proc = subprocess.run(
-            [sys.executable, CHILD, json.dumps(child)],
-            env=child_env(None),
-            capture_output=True,
-            text=True,
-            timeout=STARTUP,
-        )
+        proc = run_alone(child, None)
         assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
         lines = proc.stdout.splitlines()
         # The variable lives on the parameter server; the coordinator is TensorFlow's chief.

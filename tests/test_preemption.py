@@ -36,15 +36,14 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import children
 import ckptstore
 from conftest import s3_remote
 from preemption_child import State, journaled_steps, read_journal
@@ -73,81 +72,14 @@ BALLAST = 4_000_000  # float32 elements: a 16 MB checkpoint
 EXIT_MARGIN = 2.5
 
 
-class Child:
-    """A preemption_child.py process, its output lines as they come, and the time it exited."""
+class Child(children.Child):
+    """A preemption_child.py process, started with ``config`` (as JSON in its argv)."""
 
     def __init__(self, **config):
-        self.proc = subprocess.Popen(
-            [sys.executable, CHILD, json.dumps(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._changed = threading.Condition()
-        self.exited_at: float | None = None
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for t in self._readers:
-            t.start()
-        threading.Thread(target=self._reap, daemon=True).start()
-
-    def _read(self, stream, lines: list[str]) -> None:
-        for line in stream:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def _reap(self) -> None:
-        self.proc.wait()
-        with self._changed:
-            self.exited_at = time.monotonic()
-            self._changed.notify_all()
-
-    def wait_for(self, predicate, timeout: float = 120.0):
-        """The first stdout or stderr line ``predicate`` accepts; fails if the child ends first."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.out + self.err:
-                    if predicate(line):
-                        return line
-                assert self.exited_at is None, f"the child ended first:\n{self.output()}"
-                left = deadline - time.monotonic()
-                assert left > 0, f"timed out waiting:\n{self.output()}"
-                self._changed.wait(left)
+        super().__init__([sys.executable, CHILD, json.dumps(config)])
 
     def wait_for_step(self, step: int) -> None:
         self.wait_for(lambda line: line == f"step {step}")
-
-    def sigterm(self) -> float:
-        self.proc.send_signal(signal.SIGTERM)
-        return time.monotonic()
-
-    def wait(self, timeout: float = 120.0) -> int:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            pytest.fail(f"the child did not exit within {timeout} s:\n{self.output()}")
-        for t in self._readers:
-            t.join(10)
-        while self.exited_at is None:  # the reaper thread notes the time right after wait()
-            time.sleep(0.01)
-        return code
-
-    def stderr(self) -> str:
-        with self._changed:
-            return "\n".join(self.err)
-
-    def output(self) -> str:
-        with self._changed:
-            return (
-                "stdout:\n" + "\n".join(self.out[-40:]) + "\nstderr:\n" + "\n".join(self.err[-60:])
-            )
 
 
 def preempted_checkpoint(child: Child) -> str:
