@@ -24,7 +24,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import children
 import ckptstore
 import ckptstore.keras
 from ckptstore.keras.backup import PREEMPTION_EXIT_STATUS
@@ -53,6 +53,7 @@ from test_keras_backup import (
     resumed_from,
     run_child,
     small_model,
+    uninterrupted_fit,
     wait_until,
 )
 
@@ -62,86 +63,18 @@ TF_EXIT_STATUS = 42  # TensorFlow's default TerminationConfig outside GCE: sys.e
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, np.ndarray]:
     """The uninterrupted run: a plain fit() without the callback."""
-    out = tmp_path_factory.mktemp("reference") / "reference.npz"
-    lines = run_child(out)
-    assert lines[-1] == f"done {EPOCHS * BATCHES}"
-    return final_state(out)
+    return uninterrupted_fit(tmp_path_factory.mktemp("reference"))
 
 
-class Child:
-    """A keras_fit_child.py process: its stdout and stderr lines as they come, and when it ended."""
+class Child(children.Child):
+    """A keras_fit_child.py process, with the batches it trained."""
 
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self.exited_at: float | None = None
-        self._changed = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-        threading.Thread(target=self._reap, daemon=True).start()
-
-    def _read(self, stream, lines: list[str]) -> None:
-        for line in stream:
-            with self._changed:
-                lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-
-    def _reap(self) -> None:
-        self.proc.wait()
-        with self._changed:
-            self.exited_at = time.monotonic()
-            self._changed.notify_all()
-
-    def wait_for(self, predicate, timeout: float = 120.0) -> str:
-        """The first output line ``predicate`` accepts; fails if the child ends first."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.out + self.err:
-                    if predicate(line):
-                        return line
-                assert self.exited_at is None, f"the child ended first:\n{self.output()}"
-                left = deadline - time.monotonic()
-                assert left > 0, f"timed out waiting:\n{self.output()}"
-                self._changed.wait(left)
-
-    def sigterm(self) -> float:
-        self.proc.send_signal(signal.SIGTERM)
-        return time.monotonic()
-
-    def wait(self, timeout: float = 120.0) -> int:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            pytest.fail(f"the child did not exit within {timeout} s:\n{self.output()}")
-        for reader in self._readers:
-            reader.join(10)
-        while self.exited_at is None:  # the reaper notes the time right after wait()
-            time.sleep(0.01)
-        return code
-
-    def stderr(self) -> str:
-        with self._changed:
-            return "\n".join(self.err)
+    out_tail = 30
 
     def trained(self) -> list[tuple[int, int]]:
         """(epoch, batch) of every batch the first callback saw trained (``trained E B``)."""
         with self._changed:
             return [tuple(map(int, x.split()[1:])) for x in self.out if x.startswith("trained ")]
-
-    def output(self) -> str:
-        with self._changed:
-            return (
-                "stdout:\n" + "\n".join(self.out[-30:]) + "\nstderr:\n" + "\n".join(self.err[-60:])
-            )
 
 
 def global_batch(epoch: int, batch: int) -> int:
