@@ -32,7 +32,9 @@ from ckptstore.errors import (  # none of these imports TensorFlow
     UploadError,
     VerificationError,
 )
+from ckptstore.progress import progress_bar
 from ckptstore.retry import RetryPolicy
+from ckptstore.status import Status
 
 #: public names imported on first use, and the module each comes from (they import TensorFlow)
 _LAZY = {
@@ -82,10 +84,12 @@ __all__ = [
     "RestoreError",
     "RetryPolicy",
     "StagingFullError",
+    "Status",
     "UploadError",
     "UploadStatus",
     "VerificationError",
     "WhenBehind",
     "__version__",
     "checkpoints_iterator",
+    "progress_bar",
 ]

@@ -39,13 +39,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckptstore import artifact, exit_drain
+from ckptstore import artifact, exit_drain, progress
 from ckptstore import manifest as mf
 from ckptstore.errors import ManifestError, UploadError
 from ckptstore.manifest import Manifest
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
 from ckptstore.retry import RetryPolicy
+from ckptstore.status import WRITER, Status, one_line
 
 log = logging.getLogger("ckptstore")
 
@@ -129,6 +130,102 @@ class PublishHandle:
         self._done.set()
 
 
+class Account:
+    """Where one target's uploads stand: an ``Exporter``'s or a ``ModelCheckpoint``'s.
+
+    The publisher uploads the jobs of every target in one queue; each job may
+    name the account of the object that made it, and the publisher keeps that
+    account up to date (queued, uploading, committed, failed) for its
+    ``status()``. Thread-safe.
+
+    Example::
+
+        account = Account("s3://bucket/serving/ranker")
+        job = PublishJob(..., account=account, label="version 3")
+        publisher.submit(job)
+        print(account.status())   # ckptstore s3://bucket/serving/ranker: 1 pending (...)
+    """
+
+    def __init__(self, url: str):
+        #: the target as shown (credentials removed)
+        self.url = url
+        self._lock = threading.Lock()
+        self._waiting: dict[PublishHandle, tuple[str, int]] = {}  # queued or uploading, in order
+        self._in_flight: PublishHandle | None = None
+        self._transfer: progress.Transfer | None = None
+        #: the bytes this target's uploads sent, and their recent rate
+        self.meter = progress.RateMeter()
+        self._committed = 0
+        self._last_commit: tuple[str, float] | None = None
+        self._failed: dict[str, None] = {}  # labels failed and not committed since, in order
+        self._last_error: tuple[str, float] | None = None
+
+    def queued(self, handle: PublishHandle, label: str, size: int) -> None:
+        with self._lock:
+            self._waiting[handle] = (label, size)
+            self._failed.pop(label, None)  # saved again: it is pending now, not failed
+
+    def dropped(self, handle: PublishHandle) -> None:
+        """A newer save of the same file replaced this one before it went up."""
+        with self._lock:
+            self._waiting.pop(handle, None)
+
+    def started(self, handle: PublishHandle, transfer: progress.Transfer | None = None) -> None:
+        with self._lock:
+            self._in_flight = handle
+            self._transfer = transfer
+
+    def finished(self, handle: PublishHandle, error: str | None) -> None:
+        """The upload of ``handle`` is over: committed (``error`` None) or failed."""
+        with self._lock:
+            label, _ = self._waiting.pop(handle, (handle.name, 0))
+            if self._in_flight is handle:
+                self._in_flight, self._transfer = None, None
+            if error is None:
+                self._committed += 1
+                self._last_commit = (label, time.time())
+                self._failed.pop(label, None)
+            else:
+                self._failed[label] = None
+                self._last_error = (one_line(f"upload {label}: {error}"), time.time())
+
+    def error(self, text: str) -> None:
+        """A failure after a commit (retiring old versions, ...): kept as the last error."""
+        with self._lock:
+            self._last_error = (one_line(text), time.time())
+
+    def status(self, role: str = WRITER) -> Status:
+        """The :class:`~ckptstore.status.Status` of this target's uploads."""
+        with self._lock:
+            pending = [label for label, _ in self._waiting.values()]
+            left = 0
+            in_flight = None
+            for handle, (label, size) in self._waiting.items():
+                if handle is self._in_flight:
+                    in_flight = label
+                    if self._transfer is not None:
+                        size = self._transfer.left
+                left += size
+            if in_flight is not None:  # the one uploading first, as for checkpoints
+                pending.remove(in_flight)
+                pending.insert(0, in_flight)
+            commit, error = self._last_commit, self._last_error
+            return Status(
+                url=self.url,
+                role=role,
+                pending=tuple(pending),
+                in_flight=in_flight,
+                bytes_left=left,
+                rate=self.meter.rate() if in_flight is not None else None,
+                committed=self._committed,
+                last_commit=commit[0] if commit else None,
+                last_commit_time=commit[1] if commit else None,
+                failed=tuple(self._failed),
+                last_error=error[0] if error else None,
+                last_error_time=error[1] if error else None,
+            )
+
+
 @dataclasses.dataclass
 class PublishJob:
     """One artifact written locally, to upload, verify and commit."""
@@ -150,6 +247,14 @@ class PublishJob:
     after_commit: Callable[[Manifest], None] | None = None
     retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
     concurrency: int = 4
+    #: the status() account of the object that made the job (an Exporter, a callback)
+    account: Account | None = None
+    #: what status() and the log call the job ("version 3"); its ``name`` by default
+    label: str | None = None
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
 
     @property
     def key(self) -> str:
@@ -169,13 +274,18 @@ class Publisher:
 
     def submit(self, job: PublishJob) -> PublishHandle:
         handle = PublishHandle(job.redactor.url, job.name, job.local_dir)
+        size = _local_size(job) if job.account is not None else 0  # stat() outside the lock
         with self._cond:
             for queued in [q for q in self._queue if q[0].supersedable and q[0].key == job.key]:
                 self._queue.remove(queued)
                 log.info("Not uploading an older save of %s: a newer one replaces it", job.name)
                 _remove_local(queued[0])
                 queued[1]._finish(None, None, superseded=True)
+                if queued[0].account is not None:
+                    queued[0].account.dropped(queued[1])
             self._queue.append((job, handle))
+            if job.account is not None:
+                job.account.queued(handle, job.shown, size)
             self._cond.notify_all()
         return handle
 
@@ -200,13 +310,20 @@ class Publisher:
                     self._cond.wait()
                 self._busy = self._queue.popleft()
             job, handle = self._busy
+            account = job.account
+            if account is not None:
+                account.started(handle)
             try:
-                manifest = publish(job)
+                manifest = publish(job, handle)
             except BaseException as exc:
                 error = _as_upload_error(job, exc)
                 log.warning("%s", error)
+                if account is not None:
+                    account.finished(handle, job.redactor.describe(exc))
                 handle._finish(None, error)
             else:
+                if account is not None:
+                    account.finished(handle, None)
                 handle._finish(manifest, None)
                 _remove_local(job)
             with self._cond:
@@ -250,8 +367,11 @@ def wait_all(timeout: float | None = None) -> bool:
 # --- the steps of one job -------------------------------------------------------------
 
 
-def publish(job: PublishJob) -> Manifest:
-    """Upload, verify and commit one artifact (in the calling thread). Returns its manifest."""
+def publish(job: PublishJob, handle: PublishHandle | None = None) -> Manifest:
+    """Upload, verify and commit one artifact (in the calling thread). Returns its manifest.
+
+    ``handle`` is the job's, for its account's ``status()`` (where the job has one).
+    """
     remote = job.remote
     from ckptstore.staging import tf  # the version is recorded in the manifest
 
@@ -283,7 +403,48 @@ def publish(job: PublishJob) -> Manifest:
         "mark the upload as in progress",
         lambda: remote.backend.write_atomic(remote.path(pending_name(job.name)), marker),
     )
-    upload = dict(call=call, concurrency=job.concurrency)
+    transfer = progress.Transfer(
+        f"Uploading {job.redactor.url}",
+        manifest.total_bytes,
+        bar=progress.tqdm_bar(job.shown, manifest.total_bytes) if progress.bars_enabled() else None,
+        meter=job.account.meter if job.account is not None else None,
+    )
+    if job.account is not None and handle is not None:
+        job.account.started(handle, transfer)
+    upload = dict(
+        call=call,
+        concurrency=job.concurrency,
+        progress=transfer.file,
+        # A backend that reports nothing while it sends is counted a whole file at a time.
+        on_verified=lambda entry: transfer.file_done(entry.size),
+    )
+    try:
+        _upload_and_commit(job, manifest, existing, call, upload)
+    except BaseException:
+        transfer.finish(ok=False)
+        raise
+    transfer.finish()
+    call("clear the in-progress marker", lambda: remote.delete_data([pending_name(job.name)]))
+    log.info("Committed %s (%d bytes)", job.redactor.url, manifest.total_bytes)
+    if job.after_commit is not None:
+        try:
+            job.after_commit(manifest)
+        except Exception as exc:
+            log.warning("After committing %s: %s", job.redactor.url, job.redactor.describe(exc))
+            if job.account is not None:
+                job.account.error(f"after committing {job.shown}: {job.redactor.describe(exc)}")
+    return manifest
+
+
+def _upload_and_commit(
+    job: PublishJob,
+    manifest: Manifest,
+    existing: Manifest | None,
+    call: Callable[[str, Callable[[], Any]], Any],
+    upload: dict[str, Any],
+) -> None:
+    """The uploads and commits of :func:`publish`, between its marker and its clean-up."""
+    remote = job.remote
     if job.kind == mf.KERAS and existing is not None and existing.files[0].name == job.name:
         # Overwriting a committed file in place would leave neither copy intact while
         # the bytes go up: commit the new one under a side name first.
@@ -311,14 +472,6 @@ def publish(job: PublishJob) -> Manifest:
             stale = artifact.stale_files(existing, manifest)
             if stale:
                 call("delete files the new save replaced", lambda: remote.delete_data(stale))
-    call("clear the in-progress marker", lambda: remote.delete_data([pending_name(job.name)]))
-    log.info("Committed %s (%d bytes)", job.redactor.url, manifest.total_bytes)
-    if job.after_commit is not None:
-        try:
-            job.after_commit(manifest)
-        except Exception as exc:
-            log.warning("After committing %s: %s", job.redactor.url, job.redactor.describe(exc))
-    return manifest
 
 
 def read_committed(
@@ -388,6 +541,15 @@ def _as_upload_error(job: PublishJob, exc: BaseException) -> UploadError:
         f"committed there before is untouched.{where} Save again to retry.",
         {job.name: exc},
     )
+
+
+def _local_size(job: PublishJob) -> int:
+    """Bytes of the job's local files (those already gone count 0)."""
+    total = 0
+    for name in job.files:
+        with contextlib.suppress(OSError):
+            total += os.path.getsize(os.path.join(job.local_dir, *name.split("/")))
+    return total
 
 
 def _remove_local(job: PublishJob) -> None:

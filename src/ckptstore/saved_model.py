@@ -59,6 +59,7 @@ from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
 from ckptstore.restore import fetch_artifact, why_not_committed
 from ckptstore.retry import RetryPolicy
+from ckptstore.status import Status
 
 __all__ = ["Exporter", "adopt", "load", "save"]
 
@@ -137,6 +138,8 @@ def _export_and_submit(
     *,
     number: int | None = None,
     after_commit: Callable[[Manifest], None] | None = None,
+    account: publisher.Account | None = None,
+    label: str | None = None,
 ) -> PublishHandle:
     local_dir = targets.local_dir_for(redactor.url, staging_dir)
     try:
@@ -165,6 +168,8 @@ def _export_and_submit(
         metadata={"exported_with": exporter},
         number=number,
         after_commit=after_commit,
+        account=account,
+        label=label,
     )
     return publisher.submit(job)
 
@@ -543,9 +548,28 @@ class Exporter:
         self._largest_listed: int | None = None
         #: committed versions, read once (the publisher's thread keeps it)
         self._committed: dict[int, Manifest] = {}
+        self._account = publisher.Account(self.base_url)
 
     def __repr__(self) -> str:
         return f"Exporter({self.base_url!r}, max_to_keep={self.max_to_keep!r})"
+
+    def status(self) -> Status:
+        """Where this exporter's uploads stand; ``str()`` of it is one line for a log.
+
+        Versions saved and not committed yet (``"version 3"``, the one uploading
+        first), bytes left, the recent rate, the last version this exporter
+        committed and when, and the last error (an upload, or retiring old
+        versions), credentials removed. The last error stays after later
+        commits, with its time. No request goes to the remote.
+
+        Example::
+
+            exporter.save(model)
+            print(exporter.status())
+            # ckptstore s3://b/serving/ranker: 1 pending (version 3 uploading, 48.1 MB
+            #     left at 21.0 MB/s); last commit version 2 5.2 min ago; no errors  (one line)
+        """
+        return self._account.status()
 
     def save(self, obj: Any, signatures: Any = None, options: Any = None) -> PublishHandle:
         """Export ``obj`` as the next version; returns its handle (``handle.url`` names it).
@@ -564,6 +588,8 @@ class Exporter:
             self.staging_dir,
             number=version,
             after_commit=lambda _manifest: self._tidy(version),
+            account=self._account,
+            label=f"version {version}",
         )
 
     def _next_version(self) -> int:

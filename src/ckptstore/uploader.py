@@ -31,6 +31,7 @@ bounded), while :attr:`WhenBehind.BLOCK` makes ``save()`` wait for room.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -41,9 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fsspec.callbacks import Callback
-
-from ckptstore import artifact, staging
+from ckptstore import artifact, progress, staging
 from ckptstore import manifest as mf
 from ckptstore.backends.local import TEMP_MARKER
 from ckptstore.errors import OwnershipError, UploadError
@@ -52,6 +51,7 @@ from ckptstore.ownership import LEASE_NAME
 from ckptstore.redaction import Redactor
 from ckptstore.remote import STATE_FILE, Remote
 from ckptstore.retry import RetryPolicy
+from ckptstore.status import Status, one_line
 
 log = logging.getLogger("ckptstore")
 
@@ -96,28 +96,6 @@ class UploadStatus:
     #: bytes handed to the network so far, retried attempts included (progress; grows
     #: during a file's upload, in parts where the backend uploads in parts)
     bytes_sent: int = 0
-
-
-class _SentBytes(Callback):
-    """fsspec progress callback adding what a backend reports sent to the uploader's count."""
-
-    def __init__(self, uploader: Uploader):
-        super().__init__()
-        self._uploader = uploader
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def relative_update(self, inc: int = 1) -> None:
-        with self._uploader._cond:
-            self._uploader._bytes_sent += inc
-        super().relative_update(inc)
-
-    def absolute_update(self, value: int) -> None:
-        if value < self.value:  # a retried attempt starts over: count it from here
-            self.value = value
-            return
-        self.relative_update(value - self.value)
 
 
 class Uploader:
@@ -166,8 +144,19 @@ class Uploader:
         self._last_state_text: str | None = None
         self._prepared = False
         self._bytes_uploaded = 0
-        self._bytes_sent = 0
         self._retries = 0
+        #: every byte handed to the network (UploadStatus.bytes_sent) and the recent rate
+        self._meter = progress.RateMeter()
+        self._transfer: progress.Transfer | None = None  # the upload in flight, once described
+        self._sizes: dict[str, int] = {}  # queued or in flight -> bytes staged at submit
+        # What status() reports beyond UploadStatus: the newest commit (inherited ones
+        # by their manifest's time) and the most recent failure, kept after successes.
+        newest = max(committed.values(), key=lambda m: m.timestamp, default=None)
+        self._last_commit: tuple[str, float] | None = (
+            (newest.checkpoint, newest.timestamp) if newest is not None else None
+        )
+        self._last_error: tuple[str, float] | None = None
+        self._lost_noted = False  # the loss of the run is in _last_error already
         self._stop = threading.Event()
         self._abort = threading.Event()  # set by a close that timed out: cut backoffs short
         self._closed = False
@@ -197,6 +186,8 @@ class Uploader:
         manager forgets them.
         """
         dropped: list[str] = []
+        # Outside the lock: a few stat() calls, for status()'s bytes_left.
+        size = _staged_size(self.staging_dir, request.checkpoint) if request is not None else 0
         with self._cond:
             if self._closed:
                 raise RuntimeError("This CheckpointManager is closed; create a new one to save.")
@@ -216,6 +207,7 @@ class Uploader:
                     r for r in self._pending if r.checkpoint != request.checkpoint
                 )
                 self._pending.append(request)
+                self._sizes[request.checkpoint] = size
                 self._failed.pop(request.checkpoint, None)
                 while len(self._pending) > self._max_pending:
                     old = self._pending.popleft()
@@ -228,6 +220,7 @@ class Uploader:
                         self._max_pending,
                         old.checkpoint,
                     )
+            self._forget_sizes()
             self._dirty = True
             self._cond.notify_all()
         # A checkpoint dropped from the queue is nobody's any more (the worker
@@ -255,6 +248,7 @@ class Uploader:
             self._skipped.extend(dropped)
             self._tidy.update(staged)
             self._delete_all_due = True
+            self._forget_sizes()
             self._dirty = True
             self._cond.notify_all()
         # Nobody's any more (as in submit()): the worker only touches what is queued or in flight.
@@ -333,9 +327,52 @@ class Uploader:
                 failed=dict(self._failed),
                 skipped=tuple(self._skipped),
                 bytes_uploaded=self._bytes_uploaded,
-                bytes_sent=self._bytes_sent,
+                bytes_sent=self._meter.total,
                 retries=self._retries,
             )
+
+    def summary(self, url: str, role: str) -> Status:
+        """The :class:`~ckptstore.status.Status` of this worker (``manager.status()``)."""
+        # Before taking the lock: the manager holds its own lock while it calls submit().
+        managed = {name for name, _ in self._snapshot().managed}
+        with self._cond:
+            in_flight = self._in_flight
+            queued = [r.checkpoint for r in self._pending]
+            left = sum(self._sizes.get(n, 0) for n in queued)
+            if in_flight is not None:
+                transfer = self._transfer
+                left += transfer.left if transfer is not None else self._sizes.get(in_flight, 0)
+            lost = self._lost or (self._lease.lost if self._lease is not None else None)
+            if lost is not None and self._lost is None and not self._lost_noted:
+                # The lease's heartbeat found out first; the worker learns at its next step.
+                self._note_error("lost the run", lost)
+                self._lost_noted = True
+            error = self._last_error
+            return Status(
+                url=url,
+                role=role,
+                pending=((in_flight,) if in_flight else ()) + tuple(queued),
+                in_flight=in_flight,
+                bytes_left=left,
+                rate=self._meter.rate() if in_flight is not None else None,
+                committed=len(self._committed),
+                last_commit=self._last_commit[0] if self._last_commit else None,
+                last_commit_time=self._last_commit[1] if self._last_commit else None,
+                # A failed upload counts while its checkpoint is still the manager's (staged,
+                # for the next manager to upload); once retention drops it, it is history.
+                failed=tuple(n for n in self._failed if n in managed and n not in self._committed),
+                last_error=error[0] if error else None,
+                last_error_time=error[1] if error else None,
+            )
+
+    def _forget_sizes(self) -> None:
+        """Drop the sizes of checkpoints neither queued nor in flight (caller holds the lock)."""
+        keep = {r.checkpoint for r in self._pending} | {self._in_flight}
+        self._sizes = {n: size for n, size in self._sizes.items() if n in keep}
+
+    def _note_error(self, what: str, exc: BaseException) -> None:
+        """Keep the most recent failure for status() (caller holds ``self._cond``)."""
+        self._last_error = (one_line(f"{what}: {self._redactor.describe(exc)}"), time.time())
 
     def committed(self) -> dict[str, Manifest]:
         with self._cond:
@@ -387,6 +424,8 @@ class Uploader:
             self._guarded("retire old checkpoints", self._retire)
             self._guarded("tidy the staging directory", self._tidy_staging)
             with self._cond:
+                if request is not None:
+                    self._sizes.pop(request.checkpoint, None)
                 self._in_flight = None
                 self._busy = False
                 self._cond.notify_all()
@@ -401,6 +440,7 @@ class Uploader:
             with self._cond:
                 self._upkeep_failures[what] = exc
                 self._upkeep_unreported[what] = exc
+                self._note_error(what, exc)
             log.warning(
                 "ckptstore could not %s on %s (sync() will raise, and try again): %s",
                 what,
@@ -415,6 +455,11 @@ class Uploader:
         with self._cond:
             if self._lost is None:
                 log.error("ckptstore: %s", exc)
+                if not self._lost_noted:
+                    # A close() that timed out stops the worker the same way: say which.
+                    what = "stopped by close()" if self._abort.is_set() else "lost the run"
+                    self._note_error(what, exc)
+                    self._lost_noted = True
             self._lost = exc
             self._cond.notify_all()
 
@@ -494,23 +539,41 @@ class Uploader:
                     del self._committed[name]
                 self._write_state()
 
+            transfer = progress.Transfer(
+                f"Uploading {name} to {self.remote.url}",
+                manifest.total_bytes,
+                bar=progress.tqdm_bar(name, manifest.total_bytes)
+                if progress.bars_enabled()
+                else None,
+                meter=self._meter,
+            )
+            with self._cond:
+                self._transfer = transfer
+
             def verified(entry: mf.FileEntry) -> None:
+                transfer.file_done(entry.size)  # what a silent backend did not report
                 with self._cond:
                     self._bytes_uploaded += entry.size
 
-            artifact.upload_verified(
-                self.remote,
-                manifest,
-                self.staging_dir,
-                call=self._call,
-                concurrency=self._concurrency,
-                progress=lambda: _SentBytes(self),
-                on_verified=verified,
-            )
+            try:
+                artifact.upload_verified(
+                    self.remote,
+                    manifest,
+                    self.staging_dir,
+                    call=self._call,
+                    concurrency=self._concurrency,
+                    progress=transfer.file,
+                    on_verified=verified,
+                )
+            except BaseException:
+                transfer.finish(ok=False)
+                raise
+            transfer.finish()
             self._call("renew the writer lease", self._ensure_held)
             self._call(f"commit {name}", lambda: self.remote.commit(manifest))
             with self._cond:
                 self._committed[name] = manifest
+                self._last_commit = (name, time.time())
             if self._lease is not None:
                 self._lease.mark_done(name)
             log.info("Committed %s to %s (%d bytes)", name, self.remote.url, manifest.total_bytes)
@@ -522,12 +585,16 @@ class Uploader:
             with self._cond:
                 self._failed[name] = self._redactor.describe(exc)
                 self._unreported[name] = exc
+                self._note_error(f"upload {name}", exc)
             log.warning(
                 "Upload of %s to %s failed; it stays staged and sync() will raise: %s",
                 name,
                 self.remote.url,
                 self._redactor.describe(exc),
             )
+        finally:
+            with self._cond:
+                self._transfer = None
 
     def _write_state(self) -> None:
         snap = self._snapshot()
@@ -669,3 +736,16 @@ class Uploader:
             self._call("renew the writer lease", self._ensure_held)
             self._call("collect orphans", lambda: self.remote.delete_data(orphans + temps))
         self._orphans_due = False
+
+
+def _staged_size(staging_dir: str, name: str) -> int:
+    """Bytes of the files TensorFlow wrote for checkpoint ``name`` (0 if they are gone)."""
+    total = 0
+    try:
+        files = mf.checkpoint_files(staging_dir, name)
+    except OSError:
+        return 0
+    for file in files:
+        with contextlib.suppress(OSError):  # removed meanwhile (skipped, retired)
+            total += os.path.getsize(os.path.join(staging_dir, file))
+    return total

@@ -119,6 +119,7 @@ from ckptstore import backends, distribution, preemption
 from ckptstore.errors import ConfigurationError, RestoreError
 from ckptstore.manager import CheckpointManager
 from ckptstore.redaction import Redactor
+from ckptstore.status import CLOSED, Status
 
 log = logging.getLogger("ckptstore")
 
@@ -276,6 +277,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._staging_dir = os.fspath(staging_dir) if staging_dir is not None else None
         self._key = (backup_dir, os.path.abspath(self._staging_dir) if self._staging_dir else None)
         self._manager: CheckpointManager | None = None
+        self._last_manager: CheckpointManager | None = None  # for status() after fit()
         # The training position, saved with the model: the epoch the backup is in, and
         # how many of its batches were trained (0 at an epoch's end: the next one's start).
         self._epoch_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -417,6 +419,25 @@ class BackupAndRestore(keras.callbacks.Callback):
             raise
         manager.close()
 
+    def status(self) -> Status:
+        """Where the backups' uploads stand: the manager's ``status()`` (one-line ``str()``).
+
+        During ``fit()``, the backup manager's; after it, that manager's last state
+        (role ``"closed"``); before the first ``fit()``, an empty one (role
+        ``"closed"``).
+
+        Example::
+
+            class LogStatus(keras.callbacks.Callback):
+                def on_epoch_end(self, epoch, logs=None):
+                    print(backup.status())
+            # ckptstore s3://b/run/backup: up to date; last commit ckpt-4 1 s ago; no errors
+        """
+        manager = self._manager or self._last_manager
+        if manager is None:
+            return Status(url=self._redactor.url, role=CLOSED)
+        return manager.status()
+
     # --- the parts -----------------------------------------------------------------------
 
     def _open(self, model: keras.Model) -> CheckpointManager:
@@ -444,6 +465,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             takeover=True,
         )
         _OPEN[self._key] = manager
+        self._last_manager = manager
         return manager
 
     def _close_leftover(self) -> None:

@@ -52,9 +52,10 @@ from ckptstore import backends, targets
 from ckptstore.errors import ConfigurationError, RemoteUnavailableError, UploadError
 from ckptstore.keras import saving
 from ckptstore.manifest import Manifest
-from ckptstore.publisher import PublishHandle, read_committed
+from ckptstore.publisher import Account, PublishHandle, read_committed
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
+from ckptstore.status import Status
 
 log = logging.getLogger("ckptstore")
 
@@ -202,6 +203,26 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self._handles: list[PublishHandle] = []
         self._remotes: dict[str, Remote] = {}  # directory -> remote, opened once each
         self._restored: list[_Best] = []  # best values read at on_train_begin, not merged yet
+        self._account = Account(self._shown)
+
+    def status(self) -> Status:
+        """Where this callback's uploads stand; ``str()`` of it is one line for a log.
+
+        Files saved and not committed yet (by file name, the one uploading
+        first), bytes left, the recent rate, the last file this callback
+        committed and when, and the last error, credentials removed. A save
+        superseded by a newer one of the same file before it went up is no
+        longer pending. The last error stays after later commits, with its time.
+
+        Example::
+
+            checkpoint = ckptstore.keras.ModelCheckpoint("s3://b/run/model-{epoch:02d}.keras")
+            model.fit(x, y, epochs=3, callbacks=[checkpoint])
+            print(checkpoint.status())
+            # ckptstore s3://b/run/model-{epoch:02d}.keras: up to date; last commit
+            #     model-03.keras 0 s ago; no errors                        (one line)
+        """
+        return self._account.status()
 
     # --- Keras's hooks ---------------------------------------------------------------
 
@@ -298,6 +319,7 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             number=epoch + 1,
             supersedable=True,  # a newer save of the same file goes up instead
             target=target,
+            account=self._account,
         )
         self._handles.append(handle)
         if self.verbose > 0:

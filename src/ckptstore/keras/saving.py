@@ -148,6 +148,7 @@ def publish_model_file(
     supersedable: bool = False,
     target: Target | None = None,
     keras_kwargs: dict[str, Any] | None = None,
+    account: publisher.Account | None = None,
 ) -> PublishHandle:
     """Write ``model`` with Keras into a fresh local directory and queue its upload.
 
@@ -156,6 +157,12 @@ def publish_model_file(
     done; the handle tells when the file is verified and committed.
     ``weights_only`` picks ``model.save_weights`` over ``keras.saving.save_model``.
     ``target`` is ``(remote, redactor, name)`` when the caller already opened it.
+    ``account`` is the caller's ``status()`` account (``ModelCheckpoint``'s).
+
+    Example::
+
+        handle = publish_model_file(model, "s3://b/run/best.keras", weights_only=False)
+        handle.wait()
     """
     import keras
 
@@ -187,6 +194,7 @@ def publish_model_file(
         step=_iterations(model),
         number=number,
         supersedable=supersedable,
+        account=account,
     )
     return publisher.submit(job)
 
