@@ -26,8 +26,11 @@ import errno
 import os
 import posixpath
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from fsspec.callbacks import Callback
 
 from ckptstore import ioloop
 from ckptstore import manifest as mf
@@ -198,12 +201,21 @@ class Remote:
 
     # --- downloading -------------------------------------------------------------
 
-    def download_verified(self, manifest: Manifest, staging_dir: str) -> str:
+    def download_verified(
+        self,
+        manifest: Manifest,
+        staging_dir: str,
+        progress: Callable[[], Callback] | None = None,
+    ) -> str:
         """Download every file of ``manifest`` into ``staging_dir``, checking each.
 
         Files land under a temporary name and are renamed into place only after
         all of them matched the manifest, so TensorFlow is never handed a byte
         that did not. Returns the local checkpoint prefix.
+
+        ``progress``, if given, makes a fresh fsspec callback for each file (as
+        :func:`ckptstore.artifact.upload_verified` does for uploads): e.g.
+        ``Transfer.file`` of :mod:`ckptstore.progress`, for a bar.
         """
         tmp_suffix = f"{TEMP_MARKER}{os.getpid()}"
         placed: list[tuple[str, str]] = []
@@ -212,13 +224,22 @@ class Remote:
             for entry in manifest.files:
                 tmp = local_path(staging_dir, manifest.local_name(entry)) + tmp_suffix
                 os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                callback = progress() if progress is not None else None
                 try:
-                    self.backend.download(self.path(entry.name), tmp, entry)
+                    if callback is None:  # as before: backends that predate the callback
+                        self.backend.download(self.path(entry.name), tmp, entry)
+                    else:
+                        self.backend.download(self.path(entry.name), tmp, entry, callback)
                 except Exception as exc:
                     full = _out_of_space(exc)
                     if full is None:
                         raise
                     raise _staging_full(full, manifest, self.url, staging_dir, free) from exc
+                if callback is not None:
+                    # Some clients report nothing (a local copy): count the file once it is here.
+                    landed = os.path.getsize(tmp)
+                    if landed > callback.value:
+                        callback.absolute_update(landed)
                 got = mf.hash_file(tmp, entry.name)
                 if got.size != entry.size or got.crc32c != entry.crc32c:
                     raise VerificationError(

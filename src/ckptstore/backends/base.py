@@ -242,9 +242,14 @@ class Backend:
         """When the object was last written (seconds since the epoch), if the service says."""
         return mtime_of(self.fs.info(path))
 
-    def download(self, remote_path: str, local_path: str, entry: FileEntry) -> None:
-        """Copy the object ``entry`` describes to ``local_path`` (checked by the caller)."""
-        self.fs.get_file(remote_path, local_path)
+    def download(
+        self, remote_path: str, local_path: str, entry: FileEntry, callback: Any = None
+    ) -> None:
+        """Copy the object ``entry`` describes to ``local_path`` (checked by the caller).
+
+        ``callback``: an fsspec callback told of the bytes as they arrive (a progress bar).
+        """
+        self.fs.get_file(remote_path, local_path, callback=callback or DEFAULT_CALLBACK)
 
     def upload(
         self, local_path: str, remote_path: str, entry: FileEntry, callback: Any = None

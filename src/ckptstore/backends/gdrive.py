@@ -353,7 +353,9 @@ class DriveBackend(Backend):
         times = [t for t in (mtime_of(dict(item)) for item in items) if t is not None]
         return max(times) if times else None
 
-    def download(self, remote_path: str, local_path: str, entry: FileEntry) -> None:
+    def download(
+        self, remote_path: str, local_path: str, entry: FileEntry, callback: Any = None
+    ) -> None:
         items = self._items(remote_path)
         if not items:
             raise FileNotFoundError(remote_path)
@@ -361,7 +363,11 @@ class DriveBackend(Backend):
         chosen = next(
             (i for i in items if entry.md5 and i.get("md5Checksum") == entry.md5), items[0]
         )
-        self.fs._gdrive_get_file(chosen["id"], local_path, block_size=DOWNLOAD_CHUNK)
+        # pydrive2 reports each chunk's position to a callback (after asking Drive for the
+        # file's size: one more request per file, so only when someone is watching).
+        self.fs._gdrive_get_file(
+            chosen["id"], local_path, callback=callback, block_size=DOWNLOAD_CHUNK
+        )
 
 
 def _check_start_folder(fs: Any, folder_id: str, shown_url: str) -> None:

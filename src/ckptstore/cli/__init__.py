@@ -44,6 +44,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("ls", "list checkpoints, SavedModels and Keras files, and what is left over"),
     Subcommand("verify", "check stored artifacts against their manifests (exit 1 on a mismatch)"),
     Subcommand("gc", "delete what interrupted uploads left behind (a dry run unless --yes)"),
+    Subcommand("pull", "download and verify a checkpoint into a directory TensorFlow reads"),
+    Subcommand("push", "upload a TensorFlow checkpoint directory or SavedModel, and commit it"),
 ]
 
 

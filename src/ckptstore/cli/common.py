@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ckptstore import __version__, backends
+from ckptstore import __version__, backends, progress
 from ckptstore.cli import EXIT_INTEGRITY, EXIT_OK, EXIT_USAGE
 from ckptstore.errors import CkptStoreError, VerificationError
 from ckptstore.inventory import Artifact, Inventory
+from ckptstore.progress import size_text
 from ckptstore.redaction import Redactor
 from ckptstore.remote import Remote
 from ckptstore.retry import RetryPolicy
@@ -355,18 +356,23 @@ def check_found(remote: Remote, out: Output) -> None:
     out.note(f"nothing stored under {remote.url}")
 
 
+def transfer(args: argparse.Namespace, what: str, total: int) -> progress.Transfer:
+    """The account of one transfer of ``total`` bytes (a pull's download, a push's upload).
+
+    Give each file ``transfer.file()`` as its fsspec callback and call
+    ``finish()`` at the end. A tqdm bar (on stderr, through fsspec's
+    ``TqdmCallback``) is attached only when stdout is a terminal and ``-q`` was
+    not given: a bar is for someone watching, never for a pipe or a log file
+    (a script reading ``--json`` reads a pipe). No log lines either way
+    (``log_every=None``): the command says what it did when it is done.
+    """
+    bar = None
+    if not args.quiet and sys.stdout.isatty():
+        bar = progress.tqdm_bar(args.redactor.scrub(what), total, auto=False)
+    return progress.Transfer(what, total, bar=bar, log_every=None)
+
+
 # --- formatting ---------------------------------------------------------------------------
-
-
-def size_text(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
 
 
 def time_text(t: float | None) -> str:
@@ -444,4 +450,5 @@ __all__ = [
     "table",
     "time_text",
     "top_parser",
+    "transfer",
 ]
