@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -348,7 +349,7 @@ def utilisation(result: dict, link_up: float) -> float | None:
     """Bytes sent while uploads were pending / (time pending x the measured link rate)."""
     s = result["samples"]
     moved = spent = 0.0
-    for (t0, b0, pending, _), (t1, b1, _, _) in zip(s, s[1:]):
+    for (t0, b0, pending, _), (t1, b1, _, _) in itertools.pairwise(s):
         if pending:
             moved += b1 - b0
             spent += t1 - t0

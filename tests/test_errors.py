@@ -262,3 +262,24 @@ def test_a_full_staging_disk_is_named_where_no_small_disk_can_be_mounted(tmp_pat
         with reader as m, pytest.raises(ckptstore.StagingFullError) as info:
             m.latest_checkpoint  # noqa: B018
     _assert_says_disk_full(info.value, remote, staging, _committed_size(remote, "ckpt-1"))
+
+
+def test_a_note_naming_the_url_survives_on_every_python(caplog):
+    """saved_model and keras name the URL on an exception whose type they keep.
+
+    ``add_note`` is Python 3.11's; on 3.10 (which ckptstore supports, and the smoke
+    run of ``make test`` covers) it must not raise ``AttributeError`` in an error path.
+    """
+    from ckptstore.errors import add_note
+
+    class Rigid(Exception):
+        def __init__(self, a, b):
+            super().__init__(a, b)
+
+    exc = Rigid(1, 2)
+    with caplog.at_level("WARNING", logger="ckptstore"):
+        add_note(exc, "ckptstore: while writing s3://bucket/model.keras locally")
+        add_note(exc, "second")
+    assert exc.__notes__ == ["ckptstore: while writing s3://bucket/model.keras locally", "second"]
+    if sys.version_info < (3, 11):  # tracebacks do not print notes there: the log says it
+        assert "s3://bucket/model.keras" in caplog.text

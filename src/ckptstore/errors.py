@@ -8,6 +8,9 @@ purpose.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 
 class CkptStoreError(Exception):
     """Base class of every error ckptstore raises on purpose."""
@@ -80,3 +83,23 @@ class OwnershipLost(OwnershipError):
 
     From that moment it commits and deletes nothing more on the remote.
     """
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc`` (keeping its type): what ckptstore was doing, and where.
+
+    ``BaseException.add_note`` exists from Python 3.11 on. On 3.10 the note is
+    kept in ``__notes__`` the same way, but tracebacks there do not print it,
+    so it is also logged (WARNING), where the user will see the URL.
+    """
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+        return
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        # An exception type with __slots__ takes no attribute: the log line remains.
+        with contextlib.suppress(AttributeError):
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+    notes.append(note)
+    logging.getLogger("ckptstore").warning("%s: %s", type(exc).__name__, note)

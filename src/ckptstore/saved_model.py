@@ -52,6 +52,7 @@ from ckptstore.errors import (
     ManifestError,
     RemoteUnavailableError,
     RestoreError,
+    add_note,
 )
 from ckptstore.manifest import Manifest
 from ckptstore.publisher import PublishHandle, PublishJob
@@ -275,7 +276,7 @@ def _naming_url(exc: Exception, obj: Any, redactor: Redactor) -> Exception:
     except Exception:
         named = None
     if named is None or str(named) != message:  # its type builds its text some other way
-        exc.add_note(text)
+        add_note(exc, text)
         return exc
     return named
 

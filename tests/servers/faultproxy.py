@@ -413,7 +413,7 @@ class FaultProxy:
             while not self._stop.is_set() and listener is self._listener:
                 try:
                     client, _ = listener.accept()
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     break  # listener shut down / closed

@@ -46,6 +46,7 @@ from ckptstore.errors import (
     ManifestError,
     RemoteUnavailableError,
     RestoreError,
+    add_note,
 )
 from ckptstore.manifest import Manifest
 from ckptstore.publisher import PublishHandle, PublishJob
@@ -123,12 +124,6 @@ def check_filepath(filepath: str, shown: str, *, weights_only: bool | None, call
     return weights
 
 
-def _add_note(exc: BaseException, note: str) -> None:
-    """Name the URL on an error Keras raised, keeping its type (notes exist from Python 3.11)."""
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)
-
-
 def _iterations(model: Any) -> int | None:
     try:
         return int(model.optimizer.iterations.numpy())
@@ -181,7 +176,7 @@ def publish_model_file(
             )
     except BaseException as exc:
         shutil.rmtree(local_dir, ignore_errors=True)
-        _add_note(exc, f"ckptstore: while writing {redactor.url} locally; nothing was uploaded.")
+        add_note(exc, f"ckptstore: while writing {redactor.url} locally; nothing was uploaded.")
         raise
     job = PublishJob(
         remote,
@@ -423,7 +418,7 @@ def load_model(
                 local, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
             )
         except BaseException as exc:
-            _add_note(exc, f"ckptstore: while loading {shown} (verified against its manifest)")
+            add_note(exc, f"ckptstore: while loading {shown} (verified against its manifest)")
             raise
 
 
@@ -456,5 +451,5 @@ def load_weights(
         try:
             model.load_weights(local, skip_mismatch=skip_mismatch)
         except BaseException as exc:
-            _add_note(exc, f"ckptstore: while loading {shown} (verified against its manifest)")
+            add_note(exc, f"ckptstore: while loading {shown} (verified against its manifest)")
             raise
