@@ -39,14 +39,15 @@ OPTIONS_WITH_VALUES = frozenset({"-o", "--storage-option"})
 CLI_RETRY = RetryPolicy(attempts=3, initial_delay=0.5, max_delay=4.0)
 
 DESCRIPTION = """\
-See, check and tidy what ckptstore stored: checkpoints of a ckptstore.CheckpointManager,
+See, check, fetch and tidy what ckptstore stored: checkpoints of a ckptstore.CheckpointManager,
 SavedModels (ckptstore.saved_model) and Keras files (ckptstore.keras), on any URL
 ckptstore writes to (s3://, gs://, gdrive://, file://, a local path).
 
 A URL may be one run or a directory above several runs: ls, verify and gc look a few
-levels down and report each run on its own. Only what a manifest vouches for is
-committed; anything else is reported as uploading, unfinished, interrupted, temporary
-or unmanaged (see "ckptstore ls --help")."""
+levels down and report each run on its own. pull fetches one run's checkpoint, verified,
+into a directory plain TensorFlow reads; push moves a directory TensorFlow wrote in.
+Only what a manifest vouches for is committed; anything else is reported as uploading,
+unfinished, interrupted, temporary or unmanaged (see "ckptstore ls --help")."""
 
 EPILOG = """\
 examples:
@@ -55,6 +56,8 @@ examples:
   ckptstore verify --all --deep gs://bucket/run  every artifact, every byte read back
   ckptstore gc s3://bucket/runs/run-7            what an interrupted upload left (dry run)
   ckptstore gc --yes s3://bucket/runs/run-7      ... and delete it
+  ckptstore pull s3://bucket/runs/run-7 ./run-7  the newest checkpoint, verified, for plain TF
+  ckptstore push ./old-run s3://bucket/runs/old  a TensorFlow checkpoint directory, committed
 
 credentials:
   The same as the library's: each client's own chain (AWS_* variables, ~/.aws and
