@@ -123,6 +123,8 @@ def train(url: str, storage_options: dict, result: str, name: str) -> None:
             )
         elif int(step) % 5 == 0:
             print(f"[{name}] step {int(step):3d}  loss {float(loss):.5f}", flush=True)
+            # Where the uploads stand, in one line: pending, bytes left and rate, last commit.
+            print(f"[{name}] {manager.status()}", flush=True)
         time.sleep(PACE)
     path = manager.save(check_interval=False)  # the final state, whatever the interval says
     if path:

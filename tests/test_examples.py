@@ -44,6 +44,9 @@ def test_custom_loop_example_resumes_after_a_kill_exactly(tmp_path):
     # It really was killed, and the second process really restored from the remote.
     assert any(line.startswith("*** SIGKILL") for line in lines), output
     assert any(line.startswith("[run 2] restored ckpt-") for line in lines), output
+    # manager.status() in the training log: one line, the run's URL and its last commit.
+    status = [line for line in lines if line.startswith("[run 2] ckptstore s3://")]
+    assert status and "last commit ckpt-" in status[-1], output
 
 
 def test_keras_fit_example_resumes_mid_epoch_after_a_kill_exactly(tmp_path):
