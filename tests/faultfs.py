@@ -29,6 +29,8 @@ class Faults:
     gate: threading.Event | None = None
     #: put_file of a path waits for the event this returns for it (None: no wait)
     hold: Callable[[str], threading.Event | None] | None = None
+    #: rm_file of a path waits for the event this returns for it (a retirement held mid-way)
+    hold_rm: Callable[[str], threading.Event | None] | None = None
     #: seconds each put_file sleeps before copying (a slow link)
     put_delay: float = 0.0
     #: the next N put_file calls raise ConnectionError (transient)
@@ -131,6 +133,9 @@ class FaultyLocalFileSystem(LocalFileSystem):
         if FAULTS.refuse_writes:
             raise PermissionError(13, "injected: the remote refuses deletes", path)
         self._refuse("rm", path)
+        held = FAULTS.hold_rm(path) if FAULTS.hold_rm is not None else None
+        if held is not None:
+            held.wait()
         result = super().rm_file(path)
         self._check("rm", path)
         return result

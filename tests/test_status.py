@@ -154,6 +154,32 @@ def test_status_while_uploads_are_held_then_up_to_date_after_sync(faults, state,
     assert m.upload_status().bytes_sent == total1 + total2
 
 
+def test_a_committed_checkpoint_is_not_pending_while_the_upkeep_after_it_runs(
+    faults, state, tmp_path
+):
+    """After a commit the worker retires old checkpoints and writes the state file; the
+    checkpoint it just committed is not "uploading" any more while it does."""
+    remote = file_remote(tmp_path)
+    retiring = threading.Event()
+    faults.hold_rm = lambda path: retiring if os.path.basename(path).startswith("ckpt-1") else None
+    m = make(state, remote, tmp_path / "s", max_to_keep=1)
+    try:
+        state.advance_to(1)
+        m.save()
+        m.sync()
+        state.advance_to(2)
+        m.save()  # committed, then ckpt-1's retirement waits on the remote
+        during = wait_until(
+            lambda: (s := m.status()).last_commit == "ckpt-2" and s, "ckpt-2's commit"
+        )
+        assert m.upload_status().in_flight == "ckpt-2"  # the worker is still busy with it
+        assert during.pending == () and during.in_flight is None and during.bytes_left == 0
+        assert during.up_to_date and "up to date; last commit ckpt-2" in str(during)
+    finally:
+        retiring.set()
+        m.close()
+
+
 def test_a_failed_upload_is_the_last_error_without_credentials(faults, state, tmp_path):
     remote = file_remote(tmp_path)
     options = {"token": SECRET}

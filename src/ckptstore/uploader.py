@@ -134,6 +134,7 @@ class Uploader:
         self._cond = threading.Condition()
         self._pending: collections.deque[UploadRequest] = collections.deque()
         self._in_flight: str | None = None
+        self._in_flight_over = False  # its upload ended (committed or failed); upkeep goes on
         self._busy = False  # the worker is between taking work and finishing it
         self._dirty = True  # reconcile (state file, retirement, tidy) is due
         self._retired: list[str] = []  # dropped by the manager, still on the remote
@@ -336,7 +337,7 @@ class Uploader:
         # Before taking the lock: the manager holds its own lock while it calls submit().
         managed = {name for name, _ in self._snapshot().managed}
         with self._cond:
-            in_flight = self._in_flight
+            in_flight = None if self._in_flight_over else self._in_flight
             queued = [r.checkpoint for r in self._pending]
             left = sum(self._sizes.get(n, 0) for n in queued)
             if in_flight is not None:
@@ -412,10 +413,13 @@ class Uploader:
                     continue
                 request = self._pending.popleft() if self._pending else None
                 self._in_flight = request.checkpoint if request else None
+                self._in_flight_over = False
                 self._dirty = False
                 self._busy = True
             if request is not None:
                 self._upload(request)
+                with self._cond:  # committed or failed: upkeep follows, no longer "uploading"
+                    self._in_flight_over = True
             if self._orphans_due:
                 self._guarded("collect orphans", self._collect_orphans)
             if self._delete_all_due:  # cleared once done: a failure is tried again at sync()
