@@ -21,6 +21,7 @@ import uuid
 
 import crc32c
 import pytest
+import tensorflow as tf
 
 import ckptstore
 from conftest import BUCKET, dead_writers_lease, gcs_remote, gdrive_remote, s3_remote
@@ -78,40 +79,121 @@ def save_run(spec, url: str, staging, steps=(1, 2), shapes=None, **kwargs):
             m.save()
 
 
-@pytest.fixture(scope="module")
-def s3_store(s3_server, tmp_path_factory):
-    """Several runs under one prefix: checkpoints (multipart), a Keras file, an Exporter."""
+def save_keras_model(spec, url: str, staging):
+    """A small Keras model (seeded: the same weights every time) saved to ``url`` by ckptstore."""
     import keras
-    import tensorflow as tf
-
-    base = tmp_path_factory.mktemp("cli-s3")
-    spec = s3_remote(s3_server)
-    save_run(spec, f"{spec.url}/run-a", base / "a", shapes=BIG, upload_part_size=PART)
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     ckptstore.keras.save_model(
-        model,
-        f"{spec.url}/models/best.keras",
-        storage_options=spec.storage_options,
-        staging_dir=str(base / "k"),
+        model, url, storage_options=spec.storage_options, staging_dir=str(staging)
     ).wait()
+    return model
 
-    class Scaler(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = tf.Variable([2.0, 2.0])
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)])
-        def score(self, x):
-            return {"y": x * self.scale}
+class Scaler(tf.Module):
+    """A SavedModel's smallest useful content: one variable, one signature."""
 
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = tf.Variable([scale, scale])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)])
+    def score(self, x):
+        return {"y": x * self.scale}
+
+
+def live_writer(spec, staging) -> ckptstore.CheckpointManager:
+    """A ckptstore run at ``spec.url`` with ckpt-1 committed, its manager still holding the
+    run (a live writer, this process); the caller closes it."""
+    state = TrainState()
+    manager = ckptstore.CheckpointManager(
+        state.checkpoint,
+        spec.url,
+        max_to_keep=3,
+        staging_dir=str(staging),
+        storage_options=spec.storage_options,
+    )
+    try:
+        state.advance_to(1)
+        manager.save()
+        manager.sync()  # committed; the manager still holds the run
+    except BaseException:
+        manager.close()
+        raise
+    return manager
+
+
+# Drive needs a GoogleAuth object, which no command line can carry: main() takes it as
+# storage_options, here in a child process wired to the fake server as conftest does.
+_DRIVE_CHILD = textwrap.dedent(
+    """
+    import sys, types
+    sys.path.insert(0, {tests!r})
+    from servers.fake_drive import make_google_auth
+    from ckptstore.cli import main
+    auth = make_google_auth(types.SimpleNamespace(url={url!r}, access_token={token!r}))
+    sys.exit(main(sys.argv[1:], storage_options={{"google_auth": auth}}))
+    """
+)
+
+
+def drive_command(drive_server, *args: str) -> list[str]:
+    """The command line of a child running ``ckptstore *args`` against the fake Drive server."""
+    child = _DRIVE_CHILD.format(
+        tests=os.path.dirname(__file__), url=drive_server.url, token=drive_server.access_token
+    )
+    return [sys.executable, "-c", child, *args]
+
+
+def drive_cli(drive_server, *args: str, **run_kwargs) -> subprocess.CompletedProcess:
+    """Run ``ckptstore *args`` against the fake Drive server (see :func:`drive_command`)."""
+    run_kwargs = {"capture_output": True, "text": True, "timeout": 120, **run_kwargs}
+    return subprocess.run(drive_command(drive_server, *args), **run_kwargs)
+
+
+# A child that runs the CLI as ``python -m ckptstore`` does, then says which modules it imported.
+_HEAVY_IMPORTS_CHILD = textwrap.dedent(
+    """
+    import json, runpy, sys
+    sys.argv = ["ckptstore", *sys.argv[1:]]
+    try:
+        runpy.run_module("ckptstore", run_name="__main__")  # python -m ckptstore
+    except SystemExit as exc:
+        code = exc.code
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
+    print(json.dumps({"exit": code, "imported": heavy}))
+    """
+)
+
+
+def heavy_imports(*args: str) -> tuple[int, list[str]]:
+    """Run ``python -m ckptstore *args``: its exit status and the TensorFlow and Keras
+    modules it imported."""
+    got = subprocess.run(
+        [sys.executable, "-c", _HEAVY_IMPORTS_CHILD, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert got.returncode == 0, got.stderr
+    report = json.loads(got.stdout.splitlines()[-1])
+    return report["exit"], report["imported"]
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3_server, tmp_path_factory):
+    """Several runs under one prefix: checkpoints (multipart), a Keras file, an Exporter."""
+    base = tmp_path_factory.mktemp("cli-s3")
+    spec = s3_remote(s3_server)
+    save_run(spec, f"{spec.url}/run-a", base / "a", shapes=BIG, upload_part_size=PART)
+    save_keras_model(spec, f"{spec.url}/models/best.keras", base / "k")
     exporter = ckptstore.saved_model.Exporter(
         f"{spec.url}/models/serving",
         storage_options=spec.storage_options,
         staging_dir=str(base / "e"),
     )
-    exporter.save(Scaler()).wait()
+    exporter.save(Scaler(2.0)).wait()
     return spec
 
 
@@ -326,42 +408,25 @@ def test_gcs_and_drive_are_listed_and_verified_by_their_own_checksums(
     listed = as_json(cli("ls", "--json", spec.url, *gcs_options(gcs_server)))
     assert [a["name"] for a in listed["runs"][0]["artifacts"]] == ["ckpt-1"]
 
-    # Drive needs a GoogleAuth object, which no command line can carry: main() takes it
-    # as storage_options, here in a subprocess wired to the fake server as conftest does.
+    # Drive needs a GoogleAuth object, which no command line can carry (see drive_command).
     drive = gdrive_remote(drive_server)
     save_run(drive, drive.url, tmp_path / "d", steps=(1,))
-    child = textwrap.dedent(
-        f"""
-        import json, sys, types
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from servers.fake_drive import make_google_auth
-        from ckptstore.cli import main
-        auth = make_google_auth(types.SimpleNamespace(url={drive_server.url!r},
-                                                      access_token={drive_server.access_token!r}))
-        sys.exit(main(sys.argv[1:], storage_options={{"google_auth": auth}}))
-        """
-    )
 
-    def drive_cli(*args: str) -> dict:
-        got = subprocess.run(
-            [sys.executable, "-c", child, *args, "--json", drive.url],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+    def drive_json(*args: str) -> dict:
+        got = drive_cli(drive_server, *args, "--json", drive.url)
         assert got.returncode == 0, got.stderr
         return as_json(got)
 
-    (checked,) = drive_cli("verify")["artifacts"]
+    (checked,) = drive_json("verify")["artifacts"]
     assert checked["ok"] and {f["detail"] for f in checked["files"]} == {"Drive MD5"}
     # A Keras upload killed mid-way: Drive's listing has no times, its metadata does.
     marker = {"format": "ckptstore.pending", "files": ["best.keras"]}
     drive.write("best.keras.ckptstore-pending.json", json.dumps(marker).encode())
     drive.write("best.keras", b"half a keras file")
-    listed = {a["name"]: a for a in drive_cli("ls")["runs"][0]["artifacts"]}
+    listed = {a["name"]: a for a in drive_json("ls")["runs"][0]["artifacts"]}
     assert listed["ckpt-1"]["committed"] and listed["best.keras"]["status"] == "unfinished"
     assert "s ago" in listed["best.keras"]["reason"]  # its age is known
-    collected = drive_cli("gc", "--yes", "--min-age", "0")
+    collected = drive_json("gc", "--yes", "--min-age", "0")
     assert [a["name"] for a in collected["candidates"]] == ["best.keras"]
     assert "best.keras" not in drive.names() and "ckpt-1.index" in drive.names()
 
@@ -448,18 +513,8 @@ def test_gc_dry_run_deletes_nothing_and_yes_deletes_only_ckptstores_leftovers(s3
 
 def test_gc_leaves_a_run_alone_while_its_writer_lives_and_names_the_writer(s3_server, tmp_path):
     spec = s3_remote(s3_server)
-    state = TrainState()
-    manager = ckptstore.CheckpointManager(
-        state.checkpoint,
-        spec.url,
-        max_to_keep=2,
-        staging_dir=str(tmp_path / "s"),
-        storage_options=spec.storage_options,
-    )
+    manager = live_writer(spec, tmp_path / "s")  # ckpt-1 committed; this process holds the run
     try:
-        state.advance_to(1)
-        manager.save()
-        manager.sync()  # committed; the manager still holds the run
         # Data with no manifest yet: to anyone else, exactly what an upload in flight is.
         spec.write("ckpt-2.index", b"being uploaded")
         before = spec.names()
@@ -490,25 +545,6 @@ def test_gc_leaves_a_run_alone_while_its_writer_lives_and_names_the_writer(s3_se
 
 
 def test_ls_verify_and_gc_never_import_tensorflow(s3_store, s3_server):
-    child = textwrap.dedent(
-        """
-        import json, runpy, sys
-        sys.argv = ["ckptstore", *sys.argv[1:]]
-        try:
-            runpy.run_module("ckptstore", run_name="__main__")  # python -m ckptstore
-        except SystemExit as exc:
-            code = exc.code
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
-        print(json.dumps({"exit": code, "imported": heavy}))
-        """
-    )
     for command in (["ls"], ["verify", "--all"], ["gc"], ["gc", "--yes"]):
-        got = subprocess.run(
-            [sys.executable, "-c", child, *command, "-q", s3_store.url, *s3_options(s3_server)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert got.returncode == 0, got.stderr
-        report = json.loads(got.stdout.splitlines()[-1])
-        assert report == {"exit": 0, "imported": []}, command
+        got = heavy_imports(*command, "-q", s3_store.url, *s3_options(s3_server))
+        assert got == (0, []), command

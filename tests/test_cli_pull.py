@@ -18,9 +18,7 @@ import pty
 import select
 import struct
 import subprocess
-import sys
 import termios
-import textwrap
 import time
 import uuid
 
@@ -30,7 +28,20 @@ import tensorflow as tf
 
 import ckptstore
 from conftest import BUCKET, dead_writers_lease, gcs_remote, gdrive_remote, s3_remote
-from test_cli import ENTRY_POINT, SECRET, as_json, cli, gcs_options, s3_options, save_run
+from test_cli import (
+    ENTRY_POINT,
+    SECRET,
+    Scaler,
+    as_json,
+    cli,
+    drive_cli,
+    drive_command,
+    gcs_options,
+    heavy_imports,
+    s3_options,
+    save_keras_model,
+    save_run,
+)
 from training import TrainState
 
 JSON_KEYS = {"url", "dest", "name", "kind", "number", "step", "bytes", "files", "prefix", "ok"}
@@ -323,16 +334,6 @@ def test_a_url_above_several_runs_exits_2_listing_them(s3_server, tmp_path):
 # --- SavedModels and Keras files ------------------------------------------------------------
 
 
-class Scaler(tf.Module):
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = tf.Variable([scale, scale])
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)])
-    def score(self, x):
-        return {"y": x * self.scale}
-
-
 def test_a_saved_model_version_and_a_keras_file_are_pulled_verified(s3_server, tmp_path):
     import keras
 
@@ -359,14 +360,7 @@ def test_a_saved_model_version_and_a_keras_file_are_pulled_verified(s3_server, t
     loaded = tf.saved_model.load(str(first))
     np.testing.assert_allclose(loaded.score(tf.constant([[1.0, 1.0]]))["y"].numpy(), [[2.0, 2.0]])
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    ckptstore.keras.save_model(
-        model,
-        f"{spec.url}/models/best.keras",
-        storage_options=spec.storage_options,
-        staging_dir=str(tmp_path / "k"),
-    ).wait()
+    model = save_keras_model(spec, f"{spec.url}/models/best.keras", tmp_path / "k")
     models = tmp_path / "models"
     got = cli("pull", f"{spec.url}/models/best.keras", str(models), *options)
     assert got.returncode == 0, got.stderr
@@ -401,30 +395,14 @@ def test_a_progress_bar_only_on_a_terminal_and_never_with_q(stored_run, tmp_path
 def test_pull_from_drive_with_a_bar_through_pydrive2s_download_callback(drive_server, tmp_path):
     drive = gdrive_remote(drive_server)
     save_run(drive, drive.url, tmp_path / "d", steps=(1, 2))
-    child = textwrap.dedent(
-        f"""
-        import sys, types
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from servers.fake_drive import make_google_auth
-        from ckptstore.cli import main
-        auth = make_google_auth(types.SimpleNamespace(url={drive_server.url!r},
-                                                      access_token={drive_server.access_token!r}))
-        sys.exit(main(sys.argv[1:], storage_options={{"google_auth": auth}}))
-        """
-    )
     dest = tmp_path / "dest"
-    status, shown = on_terminal([sys.executable, "-c", child, "pull", drive.url, str(dest)])
+    status, shown = on_terminal(drive_command(drive_server, "pull", drive.url, str(dest)))
     assert status == 0, shown
     assert "pull ckpt-2: 100%|" in shown and f"pulled  {drive.url}/ckpt-2" in shown
     assert restored_step(tf.train.latest_checkpoint(str(dest))).matches_step(2)
 
     drive.write(DATA.format("ckpt-1"), b"not what the manifest says")
-    refused = subprocess.run(
-        [sys.executable, "-c", child, "pull", "--json", drive.url, str(dest), "--checkpoint", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    refused = drive_cli(drive_server, "pull", "--json", drive.url, str(dest), "--checkpoint", "1")
     assert refused.returncode == 1, refused.stderr
     doc = json.loads(refused.stdout)
     assert doc["ok"] is False and DATA.format("ckpt-1") in doc["problems"][0]
@@ -439,28 +417,8 @@ def test_pull_from_drive_with_a_bar_through_pydrive2s_download_callback(drive_se
 
 def test_pull_never_imports_tensorflow(stored_run, tmp_path):
     spec, options = stored_run
-    child = textwrap.dedent(
-        """
-        import json, runpy, sys
-        sys.argv = ["ckptstore", *sys.argv[1:]]
-        try:
-            runpy.run_module("ckptstore", run_name="__main__")  # python -m ckptstore
-        except SystemExit as exc:
-            code = exc.code
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
-        print(json.dumps({"exit": code, "imported": heavy}))
-        """
-    )
     for extra in ([], ["--checkpoint", "1"]):
-        argv = [sys.executable, "-c", child, "pull", "-q", spec.url, str(tmp_path / "d")]
-        got = subprocess.run(
-            [*argv, *extra, *options],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert got.returncode == 0, got.stderr
-        report = json.loads(got.stdout.splitlines()[-1])
-        assert report == {"exit": 0, "imported": []}, extra
+        got = heavy_imports("pull", "-q", spec.url, str(tmp_path / "d"), *extra, *options)
+        assert got == (0, []), extra
     # What it pulled is TensorFlow's to read.
     assert restored_step(tf.train.latest_checkpoint(str(tmp_path / "d"))).matches_step(1)

@@ -14,8 +14,6 @@ import json
 import os
 import pty
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -23,7 +21,17 @@ import tensorflow as tf
 
 import ckptstore
 from conftest import dead_writers_lease, file_remote, gcs_remote, gdrive_remote, s3_remote
-from test_cli import ENTRY_POINT, SECRET, as_json, cli, gcs_options, s3_options
+from test_cli import (
+    ENTRY_POINT,
+    SECRET,
+    Scaler,
+    as_json,
+    cli,
+    drive_cli,
+    gcs_options,
+    live_writer,
+    s3_options,
+)
 from training import TrainState
 
 PUSH_KEYS = {"url", "dir", "kind", "ok", "pushed", "skipped", "problems", "state_file"}
@@ -203,29 +211,12 @@ def test_push_to_drive_commits_with_md5(drive_server, tmp_path):
     source = tmp_path / "run"
     tf_run(source, steps=(1, 2))
     drive = gdrive_remote(drive_server)
-    child = textwrap.dedent(
-        f"""
-        import sys, types
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from servers.fake_drive import make_google_auth
-        from ckptstore.cli import main
-        auth = make_google_auth(types.SimpleNamespace(url={drive_server.url!r},
-                                                      access_token={drive_server.access_token!r}))
-        sys.exit(main(sys.argv[1:], storage_options={{"google_auth": auth}}))
-        """
-    )
-
-    def drive_cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-c", child, *args], capture_output=True, text=True, timeout=180
-        )
-
-    got = drive_cli("push", "--json", str(source), drive.url)
+    got = drive_cli(drive_server, "push", "--json", str(source), drive.url, timeout=180)
     assert got.returncode == 0, got.stderr
     assert [p["name"] for p in as_json(got)["pushed"]] == ["ckpt-1", "ckpt-2"]
     manifest = json.loads(drive.read("ckpt-2.manifest.json"))
     assert all(len(f["md5"]) == 32 for f in manifest["files"])  # what Drive verifies by
-    checked = drive_cli("verify", "--all", "--json", drive.url)
+    checked = drive_cli(drive_server, "verify", "--all", "--json", drive.url, timeout=180)
     assert checked.returncode == 0, checked.stderr
     assert {f["detail"] for a in as_json(checked)["artifacts"] for f in a["files"]} == {"Drive MD5"}
     names, state = restored_step(drive, tmp_path / "fresh")
@@ -345,18 +336,8 @@ def test_a_live_writer_keeps_the_run_and_push_names_it_and_writes_nothing(s3_ser
     options = s3_options(s3_server)
     source = tmp_path / "old"
     tf_run(source, steps=(1, 2), name="old")
-    state = TrainState()
-    manager = ckptstore.CheckpointManager(
-        state.checkpoint,
-        spec.url,
-        max_to_keep=3,
-        staging_dir=str(tmp_path / "s"),
-        storage_options=spec.storage_options,
-    )
+    manager = live_writer(spec, tmp_path / "s")  # ckpt-1 committed; this process holds the run
     try:
-        state.advance_to(1)
-        manager.save()
-        manager.sync()  # committed; this process still holds the run
         before = {k: v for k, v in stored(spec).items() if k != "ckptstore.lease.json"}
         got = cli("push", "--json", str(source), spec.url, *options)
         assert got.returncode == 2 and got.stdout == ""
@@ -410,16 +391,6 @@ def test_a_dead_pushs_leftovers_are_replaced_or_left_listed_for_gc(s3_server, tm
 
 
 # --- SavedModels ------------------------------------------------------------------------------
-
-
-class Scaler(tf.Module):
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = tf.Variable([scale, scale])
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)])
-    def score(self, x):
-        return {"y": x * self.scale}
 
 
 def test_a_saved_model_and_tf_servings_versions_are_pushed_and_load(
