@@ -35,10 +35,12 @@ import os
 import platform
 import socket
 import uuid
+from array import array
 from typing import Any, BinaryIO
 
 import crc32c
 
+from ckptstore import crc_marks
 from ckptstore.errors import ManifestError
 
 FORMAT = "ckptstore.manifest"
@@ -330,9 +332,24 @@ def hash_stream(stream: BinaryIO, name: str, *, with_md5: bool = False) -> FileE
 
 
 def hash_file(path: str, name: str | None = None, *, with_md5: bool = False) -> FileEntry:
-    """Size and checksums of a local file, read in 1 MiB chunks into one buffer."""
+    """Size and checksums of a local file, read in 1 MiB chunks into one buffer.
+
+    Also keeps the running CRC32C at every 1 MiB (:mod:`ckptstore.crc_marks`), so
+    an upload in parts knows each part's CRC32C without reading the file again.
+    """
+    hasher = StreamHasher(with_md5)
+    marks = array("I")  # 4 bytes per MiB
+    view = memoryview(bytearray(_CHUNK))
     with open(path, "rb", buffering=0) as stream:
-        return hash_stream(stream, name or os.path.basename(path), with_md5=with_md5)
+        before = os.fstat(stream.fileno())
+        while n := stream.readinto(view):
+            hasher.update(view[:n])
+            if hasher.size % crc_marks.GRAIN == 0:
+                marks.append(hasher._crc)
+        after = os.fstat(stream.fileno())
+    entry = hasher.entry(name or os.path.basename(path))
+    crc_marks.remember(before, after, entry.crc32c, marks)
+    return entry
 
 
 def checkpoint_files(directory: str, checkpoint: str) -> list[str]:

@@ -9,7 +9,7 @@ files go as a resumable upload whose chunks are streamed from the staged file.
 gcsfs's own ``put_file`` reads each chunk into ``bytes``, and aiohttp and asyncio
 then copy it twice more while it is sent (about +150 MB of peak RSS at gcsfs's
 50 MiB chunk). Here the chunk loop is ours, so that each chunk's body can be a
-``FilePart``: aiohttp reads it in 64 KiB pieces. The session is still opened,
+``FilePart``: aiohttp reads it in 1 MiB pieces (file_part.py). The session is still opened,
 and each chunk still sent, by gcsfs (``initiate_upload``, ``_request``), which
 keeps gcsfs's auth, endpoint and retries (5xx, 408, 429, connection errors;
 it rewinds the body before each attempt). Memory no longer grows with the

@@ -19,11 +19,34 @@ What fsspec does not say about S3:
   that refuses the full-object type gets a composite upload, verified by the
   uploader against its own prediction. This is the one piece written by hand
   because no library does it.
-* **Memory.** Parts are not held in memory: one reader computes each part's
-  CRC32C in a streaming pass and hands ``(offset, length, crc)`` to the part
-  uploaders, which send the part straight from the staged file (a seekable
-  slice, so botocore can sign it and rewind it for a retry). Memory per part
-  in flight is a read buffer, whatever ``upload_part_size`` is.
+* **Memory, and one read per file.** Parts are not held in memory: the part
+  uploaders send each part straight from the staged file (a seekable slice,
+  which botocore can rewind for a retry). Each part's CRC32C must be in its
+  request headers before its body goes out; the describe step that hashed the
+  file for the manifest left the running CRC32C at every MiB
+  (:mod:`ckptstore.crc_marks`), from which each part's follows without reading
+  the file again. Where those marks are missing (the file was not hashed by
+  this process, or its stat changed since, or the part size is not whole MiB),
+  one reader hashes the parts in a streaming pass first, as before. Either
+  way the uploaders hash the bytes they send as they read them, and an upload
+  whose bytes differ from the manifest is abandoned before it is completed.
+  Memory per part in flight is a read buffer, whatever ``upload_part_size`` is.
+* **Payload signing.** SigV4 can put the SHA-256 of the body into the
+  signature; botocore does so over plain HTTP always, and over HTTPS for our
+  requests too (it skips it only where it computed the checksum itself). That
+  is a second full hash of every byte, in Python-called C, and awscrt calling
+  back into Python per 4 KiB to read the body. PutObject and UploadPart
+  requests that carry ``x-amz-checksum-crc32c`` are signed with
+  ``UNSIGNED-PAYLOAD`` instead, over HTTP and HTTPS (S3 accepts it on both):
+  the checksum header itself is signed, and S3 computes the CRC32C of the body
+  it received and refuses the request (``BadDigest``) when it differs, so
+  corruption anywhere between the staged file and S3's disk is still caught.
+  What the SHA-256 adds, over plain HTTP only, is protection against someone on
+  the network path replacing a body with another of the same CRC32C (easy to
+  forge: CRC32C is not a cryptographic hash). Where that matters, use HTTPS, or
+  ``storage_options={"config_kwargs": {"s3": {"payload_signing_enabled": True}}}``:
+  an explicit choice there is always kept. Other requests (the lease, the
+  manifest) are signed as botocore decides.
 * **Errors.** s3fs turns a 503 into ``OSError(EBUSY)`` and a 500 into
   ``OSError(EIO)``; those, timeouts and connection errors are retried.
 * **Conditional writes** (the writer's lease) are S3's own: ``PutObject`` with
@@ -45,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import copy
 import errno
 import logging
 import os
@@ -55,6 +79,7 @@ from typing import Any
 import crc32c
 from fsspec.asyn import sync
 
+from ckptstore import crc_marks
 from ckptstore.backends.base import READ_BACK, SERVICE_CHECKSUM, Backend, Check
 from ckptstore.backends.file_part import FilePart
 from ckptstore.errors import VerificationError
@@ -76,6 +101,38 @@ _NO_FULL_OBJECT_CODES = frozenset(
 
 def crc_b64(value: int) -> str:
     return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+#: the requests that may go with UNSIGNED-PAYLOAD when they carry a CRC32C S3 checks
+_CHECKSUMMED_UPLOADS = frozenset({"PutObject", "UploadPart"})
+_CRC32C_HEADER = "x-amz-checksum-crc32c"
+_UNSIGNED_HANDLER_ID = "ckptstore-unsigned-payload-with-crc32c"
+
+
+def _unsigned_payload_with_crc32c(request: Any, operation_name: str = "", **kwargs: Any) -> None:
+    """botocore ``before-sign``: ``UNSIGNED-PAYLOAD`` for an upload that carries its CRC32C.
+
+    S3 checks the (signed) ``x-amz-checksum-crc32c`` header against the body it
+    received, so the SHA-256 of the body in the signature would only hash every
+    byte again (see the module docstring for what it adds over plain HTTP).
+    botocore's S3 signers take the explicit ``s3={"payload_signing_enabled": ...}``
+    of the client config before anything else, over HTTP and HTTPS alike; this
+    request's signer reads that config from the request context, so this request
+    gets a copy that says ``False``. The client's own config is not touched, and
+    a value the user set there is kept.
+    """
+    if operation_name not in _CHECKSUMMED_UPLOADS or _CRC32C_HEADER not in request.headers:
+        return
+    config = request.context.get("client_config")
+    if config is None:
+        return
+    s3 = dict(getattr(config, "s3", None) or {})
+    if s3.get("payload_signing_enabled") is not None:
+        return  # the user's explicit choice (or this handler's, on a retry)
+    s3["payload_signing_enabled"] = False
+    config = copy.copy(config)
+    config.s3 = s3
+    request.context["client_config"] = config
 
 
 def _s3_error_code(exc: BaseException) -> str | None:
@@ -164,7 +221,7 @@ class S3Backend(Backend):
             # body that differs from what the manifest vouches for.
             value = crc_b64(int(entry.crc32c, 16))
             with FilePart(local_path, 0, size) as body:  # streamed, like a part
-                self.fs.call_s3(
+                self._call_checksummed(
                     "put_object",
                     Bucket=bucket,
                     Key=key,
@@ -180,6 +237,20 @@ class S3Backend(Backend):
             self._composite[remote_path] = self._multipart(
                 local_path, bucket, key, part, entry, callback
             )
+
+    def _call_checksummed(self, method: str, **kwargs: Any) -> Any:
+        """``call_s3`` for a PutObject/UploadPart that carries its CRC32C: sent unsigned."""
+        return sync(self.fs.loop, self._call_checksummed_async, method, kwargs)
+
+    async def _call_checksummed_async(self, method: str, kwargs: dict[str, Any]) -> Any:
+        await self.fs.set_session()
+        client = await self.fs.get_s3(kwargs.get("Bucket"))
+        # On the client s3fs is using now (it makes a new one after a dropped session);
+        # a second registration under the same id is a no-op.
+        client.meta.events.register(
+            "before-sign.s3", _unsigned_payload_with_crc32c, unique_id=_UNSIGNED_HANDLER_ID
+        )
+        return await self.fs._call_s3(method, **kwargs)
 
     def _multipart(
         self,
@@ -213,9 +284,15 @@ class S3Backend(Backend):
             )
         upload_id = mpu["UploadId"]
         parts: dict[int, dict[str, Any]] = {}
-        crcs: dict[int, int] = {}
+        crcs: dict[int, int] = {}  # part number -> CRC32C announced in its headers
+        sent: dict[int, tuple[int, int]] = {}  # part number -> (length, CRC32C of bytes sent)
         errors: list[BaseException] = []
         work: queue.Queue = queue.Queue(maxsize=1)
+
+        def changed(detail: str) -> VerificationError:
+            return VerificationError(
+                f"{entry.name} changed after it was hashed ({detail}); the upload is abandoned"
+            )
 
         def send() -> None:
             while (item := work.get()) is not None:
@@ -223,8 +300,8 @@ class S3Backend(Backend):
                 if errors:
                     continue
                 try:
-                    with FilePart(local_path, offset, length) as body:
-                        r = self.fs.call_s3(
+                    with FilePart(local_path, offset, length, track_crc32c=True) as body:
+                        r = self._call_checksummed(
                             "upload_part",
                             Bucket=bucket,
                             Key=key,
@@ -235,6 +312,17 @@ class S3Backend(Backend):
                             ChecksumAlgorithm="CRC32C",
                             ChecksumCRC32C=crc_b64(value),
                         )
+                        got = body.crc32c_read
+                        if got is None:  # not read through in order (never seen): hash it
+                            body.seek(0)
+                            while body.read(_HASH_CHUNK):
+                                pass
+                            got = body.crc32c_read
+                    # S3 refuses a part whose body does not match its CRC32C; a store
+                    # that only records the value (moto) does not, so check here too.
+                    if got != value:
+                        raise changed(f"part {number}: crc32c {got:08x} sent, {value:08x} hashed")
+                    sent[number] = (length, got)
                     parts[number] = {
                         "PartNumber": number,
                         "ETag": r["ETag"],
@@ -252,35 +340,33 @@ class S3Backend(Backend):
         for t in senders:
             t.start()
         try:
-            buffer = memoryview(bytearray(_HASH_CHUNK))  # reused: no allocation per chunk
-            with open(local_path, "rb", buffering=0) as f:
-                number, offset, whole = 1, 0, 0
-                while not errors:
-                    value, length = 0, 0
-                    while length < part_size and (
-                        n := f.readinto(buffer[: min(_HASH_CHUNK, part_size - length)])
-                    ):
-                        chunk = buffer[:n]
-                        value = crc32c.crc32c(chunk, value)
-                        whole = crc32c.crc32c(chunk, whole)  # same pass: the file as uploaded
-                        length += n
-                    if not length:
-                        break
-                    crcs[number] = value
-                    work.put((number, offset, length, value))
-                    number, offset = number + 1, offset + length
+            marked = crc_marks.part_crcs(local_path, entry.crc32c, part_size)
+            todo = (
+                enumerate(marked, 1)
+                if marked is not None
+                else self._hash_parts(local_path, part_size)
+            )
+            for number, (offset, length, value) in todo:
+                if errors:
+                    break
+                crcs[number] = value
+                work.put((number, offset, length, value))
         finally:
             for _ in senders:
                 work.put(None)
             for t in senders:
                 t.join()
-        if not errors and f"{whole:08x}" != entry.crc32c:
-            errors.append(
-                VerificationError(
-                    f"{entry.name} changed after it was hashed (crc32c {whole:08x}, manifest "
-                    f"{entry.crc32c}); the upload is abandoned"
+        if not errors:
+            # The object S3 would assemble, from what was sent: the manifest's CRC32C,
+            # or the file changed (or was cut short) after the manifest was made.
+            whole, size = 0, 0
+            for number in sorted(sent):
+                length, value = sent[number]
+                whole, size = crc_marks.combine(whole, value, length), size + length
+            if f"{whole:08x}" != entry.crc32c or size != entry.size:
+                errors.append(
+                    changed(f"crc32c {whole:08x} of {size} bytes, manifest {entry.crc32c}")
                 )
-            )
         if errors:
             self._abort(bucket, key, upload_id)
             raise errors[0]
@@ -305,6 +391,25 @@ class S3Backend(Backend):
             raise
         joined = b"".join(crcs[n].to_bytes(4, "big") for n in sorted(crcs))
         return f"{crc_b64(crc32c.crc32c(joined))}-{len(crcs)}"
+
+    @staticmethod
+    def _hash_parts(local_path: str, part_size: int) -> Any:
+        """``(number, (offset, length, crc32c))`` of each part, hashed in one streaming pass
+        (for a file without :mod:`ckptstore.crc_marks`)."""
+        buffer = memoryview(bytearray(_HASH_CHUNK))  # reused: no allocation per chunk
+        with open(local_path, "rb", buffering=0) as f:
+            number, offset = 1, 0
+            while True:
+                value, length = 0, 0
+                while length < part_size and (
+                    n := f.readinto(buffer[: min(_HASH_CHUNK, part_size - length)])
+                ):
+                    value = crc32c.crc32c(buffer[:n], value)
+                    length += n
+                if not length:
+                    return
+                yield number, (offset, length, value)
+                number, offset = number + 1, offset + length
 
     def _abort(self, bucket: str, key: str, upload_id: str) -> None:
         try:  # leave no billable parts behind
