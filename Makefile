@@ -41,6 +41,7 @@ bench: bench-link
 	$(BIN)/python benchmarks/save_blocking.py
 	$(BIN)/python benchmarks/upload_throughput.py
 	$(BIN)/python benchmarks/drive_transfer.py
+	$(BIN)/python benchmarks/upload_cpu.py --tls --profile
 
 # ckptstore against tf.train.CheckpointManager on a 40 MB/s link (about 15 minutes);
 # writes benchmarks/results/slow_link.{md,json,png}. ARGS=--quick for a 2-minute smoke run.
