@@ -320,14 +320,17 @@ def _all_shards_present(checkpoint: str, files: list[str]) -> bool:
     return present == set(range(total))
 
 
+def local_file_matches(entry: FileEntry, path: str) -> bool:
+    """Whether the local file at ``path`` is exactly what ``entry`` describes (size, CRC32C)."""
+    if not os.path.isfile(path) or os.path.getsize(path) != entry.size:
+        return False
+    return mf.hash_file(path, entry.name).crc32c == entry.crc32c
+
+
 def local_copy_matches(manifest: Manifest, staging_dir: str) -> bool:
     """Whether ``staging_dir`` already holds exactly the files ``manifest`` lists."""
-    for entry in manifest.files:
-        path = local_path(staging_dir, manifest.local_name(entry))
-        if not os.path.isfile(path) or os.path.getsize(path) != entry.size:
-            return False
-    for entry in manifest.files:
-        path = local_path(staging_dir, manifest.local_name(entry))
-        if mf.hash_file(path, entry.name).crc32c != entry.crc32c:
-            return False
-    return True
+    paths = [(e, local_path(staging_dir, manifest.local_name(e))) for e in manifest.files]
+    # Sizes first, for every file: a missing or short file answers without hashing any.
+    if not all(os.path.isfile(p) and os.path.getsize(p) == e.size for e, p in paths):
+        return False
+    return all(local_file_matches(e, p) for e, p in paths)

@@ -29,8 +29,8 @@ from ckptstore import manifest as mf
 from ckptstore.backends.local import TEMP_MARKER
 from ckptstore.cli import EXIT_INTEGRITY, EXIT_OK, common, ls
 from ckptstore.errors import VerificationError
-from ckptstore.manifest import FileEntry, Manifest
-from ckptstore.remote import STATE_FILE, local_path
+from ckptstore.manifest import Manifest
+from ckptstore.remote import STATE_FILE, local_file_matches, local_path
 
 SUMMARY = "download and verify a checkpoint into a directory plain TensorFlow reads"
 
@@ -354,13 +354,6 @@ def write_state(directory: str, name: str, timestamp: float) -> list[str]:
 # --- pulling --------------------------------------------------------------------------------
 
 
-def _matches(entry: FileEntry, path: str) -> bool:
-    """Whether the local file at ``path`` is exactly what ``entry`` describes."""
-    if not os.path.isfile(path) or os.path.getsize(path) != entry.size:
-        return False
-    return mf.hash_file(path, entry.name).crc32c == entry.crc32c
-
-
 def _target(dest: str, a: inv.Artifact) -> str:
     """What to load after the pull: the checkpoint prefix, the SavedModel or the Keras file."""
     assert a.manifest is not None
@@ -411,7 +404,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Files already in DEST that match are kept as they are (a second pull is free).
     missing = [
-        e for e in manifest.files if not _matches(e, local_path(dest, manifest.local_name(e)))
+        e
+        for e in manifest.files
+        if not local_file_matches(e, local_path(dest, manifest.local_name(e)))
     ]
     fetched = {e.name for e in missing}
     present = [e.name for e in manifest.files if e.name not in fetched]
