@@ -189,7 +189,7 @@ def test_s3_uploads_are_checked_against_the_manifest_not_the_bytes_read(s3_serve
         # The staged file no longer matches what the manifest vouches for.
         stale = dataclasses.replace(hash_file(str(local), "ckpt-1.index"), crc32c="0badc0de")
         path = f"{root}/{size}/ckpt-1.index"
-        if size > backend.part_size:
+        if size > backend.part_size_for(size):
             with pytest.raises(ckptstore.VerificationError, match="changed after it was hashed"):
                 backend.upload(str(local), path, stale)
             assert not spec.fs.exists(path), "a mismatching multipart upload was completed"

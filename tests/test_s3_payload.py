@@ -203,7 +203,7 @@ def test_a_change_the_stat_does_not_show_is_caught_from_the_bytes_sent(
     spec, backend, root = _backend(s3_server, wire)
     local = _staged(tmp_path, "ckpt-1.data-00000-of-00001", 20 * MiB)
     entry = hash_file(local)
-    assert crc_marks.part_crcs(local, entry.crc32c, backend.part_size) is not None
+    assert crc_marks.part_crcs(local, entry.crc32c, backend.part_size_for(20 * MiB)) is not None
     _rewrite_same_size(local)
     path = f"{root}/{entry.name}"
     with pytest.raises(ckptstore.VerificationError, match="changed after it was hashed"):
@@ -237,3 +237,42 @@ def test_part_crc32cs_from_the_describe_pass_match_the_parts(tmp_path, size, par
     assert crc_marks.part_crcs(local, entry.crc32c, part_size + 1) is None  # not whole MiB
     os.utime(local, ns=(1, 1))  # its stat changed: no marks
     assert crc_marks.part_crcs(local, entry.crc32c, part_size) is None
+
+
+@pytest.mark.parametrize(
+    "size, chosen, expected",
+    [
+        (1000, None, 8 * MiB),  # small files: one PUT up to 8 MiB
+        (20 * MiB, None, 8 * MiB),  # at least 8 MiB a part
+        (72 * MiB, None, 9 * MiB),  # eight parts, each a whole number of MiB
+        (268 * 10**6, None, 32 * MiB),  # at most 32 MiB a part: parts go 4 at a time
+        (2 * 1024 * MiB, None, 32 * MiB),
+        (512 * 1024 * MiB, None, 53 * MiB),  # S3 takes at most 10,000 parts
+        (20 * MiB, 5 * MiB, 5 * MiB),  # the user's choice is kept
+        (20 * MiB, 1024, 5 * MiB),  # ... but never below S3's minimum
+        (100 * 1024 * MiB, 8 * MiB, 11 * MiB),  # ... nor into more than 10,000 parts
+    ],
+)
+def test_part_size_grows_with_the_file_within_s3s_limits(s3_server, size, chosen, expected):
+    """Each part is a request with its own CPU cost (about 0.35 s less CPU per GB with 32 MiB
+    parts than with 8 MiB, benchmarks/upload_cpu.py), so large files go in larger parts; S3
+    refuses part 10,001 and parts under 5 MiB (but the last)."""
+    _, backend, _ = _backend(s3_server, Wire())
+    if chosen is not None:
+        backend.part_size = chosen
+    part = backend.part_size_for(size)
+    assert part == expected
+    assert part % crc_marks.GRAIN == 0 or part == chosen  # the describe pass's marks apply
+    assert -(-size // part) <= 10_000
+
+
+def test_a_large_file_goes_in_the_parts_its_size_calls_for(s3_server, tmp_path):
+    wire = Wire()
+    _spec, backend, root = _backend(s3_server, wire)
+    local = _staged(tmp_path, "ckpt-1.data-00000-of-00001", 72 * MiB - 3)
+    entry = hash_file(local, "ckpt-1.data-00000-of-00001")
+    backend.upload(local, f"{root}/ckpt-1.data-00000-of-00001", entry)
+    sent = wire.uploads_of("ckpt-1.data-00000-of-00001")
+    _assert_checksummed_and_unsigned(sent, 8)  # 72 MiB: eight parts of 9 MiB (the last short)
+    assert sorted(r["size"] for r in sent) == [9 * MiB - 3] + [9 * MiB] * 7
+    assert backend.verify(f"{root}/ckpt-1.data-00000-of-00001", entry) is None

@@ -143,7 +143,8 @@ class CheckpointManager(tf.train.CheckpointManager):
         upload_concurrency: files of one checkpoint uploaded in parallel, and
             parts of one file where the backend uploads in parts (S3).
         upload_part_size: bytes per part of a multipart upload (S3; at least 5 MiB;
-            default 8 MiB, parts go in parallel), and per chunk of a resumable upload
+            by default 8 to 32 MiB by file size, about 8 parts a file; parts go in
+            parallel), and per chunk of a resumable upload
             (GCS; rounded down to 256 KiB; default 50 MiB, chunks go one after
             another). Parts and chunks stream from the staged file: memory does not
             grow with this size.

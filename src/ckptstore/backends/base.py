@@ -94,7 +94,8 @@ class Backend:
     #: Errors worth retrying with backoff; anything else fails the operation at once.
     transient_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     #: bytes per part (or chunk) where the backend uploads in parts, unless the user says
-    default_part_size = 8 * 1024 * 1024
+    #: (``None``: the backend chooses per file, as S3's ``part_size_for`` does)
+    default_part_size: int | None = 8 * 1024 * 1024
     #: Whether a nested file (a SavedModel's ``variables/...``) needs its directory made
     #: first: object stores have flat keys, filesystems and Drive have folders.
     needs_parent_dirs = True
@@ -105,8 +106,8 @@ class Backend:
         self.fs = fs
         #: parts of one file in flight at once, where the backend uploads in parts
         self.concurrency = 4
-        #: bytes per part, where the backend uploads in parts
-        self.part_size = self.default_part_size
+        #: bytes per part, where the backend uploads in parts (``None``: chosen per file)
+        self.part_size: int | None = self.default_part_size
 
     @classmethod
     def connect(cls, url: str, protocol: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
