@@ -19,6 +19,11 @@ Each worker trains an interval, saves, and repeats ``--saves`` times:
   tf local          tf.train.CheckpointManager to local disk: the floor for a blocking save
   tf + upload       the same, then the new files put to S3 with s3fs and the retired
                     ones deleted, before training goes on (what users do today)
+  tf + upload elsewhere
+                    the same local save, and each new checkpoint put to S3 with s3fs by
+                    another process, started after the save and not waited for: the
+                    control for the slowdown the link's servers (and any uploader) cause
+                    on this machine's cores, which no client can remove
   tf async local    tf.train.CheckpointManager.save(options=CheckpointOptions(
                     enable_async=True)) to local disk: TensorFlow's own async write
   ckptstore         ckptstore.CheckpointManager("s3://...") with default settings
@@ -65,11 +70,32 @@ from link import (
     write_results,
 )
 
-SYSTEMS = ("tf local", "tf + upload", "tf async local", "ckptstore", "ckptstore async")
+SYSTEMS = (
+    "tf local",
+    "tf + upload",
+    "tf + upload elsewhere",
+    "tf async local",
+    "ckptstore",
+    "ckptstore async",
+)
+#: the row every other's next-interval slowdown is compared with (see the docstring)
+CONTROL = "tf + upload elsewhere"
 REMOTE_SYSTEMS = ("tf + upload", "ckptstore", "ckptstore async")
 
 
 # --------------------------------------------------------------------------- a worker
+
+#: the control's uploader: ``python -c PUT_ELSEWHERE <storage options> <prefix> <dir>``
+#: puts every file of ``dir`` under ``prefix`` with s3fs, then removes ``dir``.
+PUT_ELSEWHERE = """
+import json, os, shutil, sys
+import fsspec
+options, prefix, directory = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+for name in sorted(os.listdir(directory)):
+    fs.put_file(os.path.join(directory, name), prefix + "/" + name)
+shutil.rmtree(directory)
+"""
 
 
 def rss_kb(field: str) -> int:
@@ -207,6 +233,7 @@ def worker(cfg: dict) -> dict:
             staging_dir=staging_dir,
             storage_options=cfg["slow"],
             when_behind=cfg.get("when_behind", "skip"),
+            upload_part_size=cfg.get("upload_part_size"),
         )
 
     if system.startswith("tf"):
@@ -241,6 +268,23 @@ def worker(cfg: dict) -> dict:
             remote_fs.rm([f"{prefix}/{n}" for n in uploaded.pop(old)])
         uploading[0] = False
 
+    elsewhere: list[subprocess.Popen] = []  # the control's uploading processes
+
+    def upload_elsewhere(saved: str) -> None:
+        """Hard links of the new checkpoint's files (TF's retention may delete them while
+        they go up), put by another process at the default priority, not waited for."""
+        base = os.path.basename(saved)
+        copy = os.path.join(work, "elsewhere", base)
+        os.makedirs(copy)
+        for name in os.listdir(local_dir):
+            if name.startswith(base + "."):
+                os.link(os.path.join(local_dir, name), os.path.join(copy, name))
+        elsewhere.append(
+            subprocess.Popen(
+                [sys.executable, "-c", PUT_ELSEWHERE, json.dumps(cfg["slow"]), prefix, copy]
+            )
+        )
+
     rss0 = reset_peak_rss()
     cpu0 = os.times()
     sampler.start()
@@ -260,6 +304,8 @@ def worker(cfg: dict) -> dict:
         saved_at.append(t0 - start)
         if system == "tf + upload":
             upload_synchronously(saved)
+        elif system == CONTROL:
+            upload_elsewhere(saved)
     # One more interval: the slowdown after the last save counts too.
     t0 = time.perf_counter()
     train(iters).numpy()
@@ -270,7 +316,11 @@ def worker(cfg: dict) -> dict:
         ckpt.sync()
     elif system.startswith("ckptstore"):
         manager.sync()
+    for proc in elsewhere:
+        if proc.wait() != 0:
+            raise RuntimeError(f"the control's upload failed (exit {proc.returncode})")
     durable = time.perf_counter() - start
+    cpu2 = os.times()
     sampler.stop.set()
     sampler.join()
     peak_growth = (rss_kb("VmHWM") - rss0) * 1024
@@ -293,6 +343,9 @@ def worker(cfg: dict) -> dict:
         # CPU seconds this process used while training ran (TensorFlow plus any background work).
         "cpu_training": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
         "durable": durable,
+        # CPU of the control's uploading processes (waited for above; 0 for the others)
+        "elsewhere_cpu": (cpu2.children_user + cpu2.children_system)
+        - (cpu0.children_user + cpu0.children_system),
         "peak_rss_growth": peak_growth,
         "samples": sampler.samples,
         "bytes_sent": sampler.samples[-1][1] if sampler.samples else 0,
@@ -324,7 +377,7 @@ def worker(cfg: dict) -> dict:
         ]
         if system != "tf + upload":
             restorer.close()
-    if system in REMOTE_SYSTEMS:
+    if system in REMOTE_SYSTEMS or system == CONTROL:
         remote_fs.rm(prefix, recursive=True)  # moto keeps objects in memory
     return result
 
@@ -363,6 +416,12 @@ def foreground(result: dict) -> tuple[float, float]:
     return slow, statistics.median(result["blocking"]) + slow
 
 
+def interval_ratio(result: dict) -> float:
+    """The median interval after a save over the idle interval (the slowdown as a ratio)."""
+    slow, _ = foreground(result)
+    return (result["idle_step"] + slow) / result["idle_step"]
+
+
 def checksum_rates(size: int = 256 * MiB) -> dict[str, float]:
     import hashlib
 
@@ -390,7 +449,7 @@ def checksum_rates(size: int = 256 * MiB) -> dict[str, float]:
 
 def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict) -> str:
     tf_local = results["tf local"]
-    tf_up = results["tf + upload"]
+    tf_up = results.get("tf + upload")
     size = tf_local["size"]
     k = cfg["saves"]
     base_block = statistics.median(tf_local["blocking"])
@@ -409,7 +468,7 @@ def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict) ->
         block = statistics.median(r["blocking"])
         slow, cost = foreground(r)
         util = utilisation(r, link["up"]) if name in REMOTE_SYSTEMS else None
-        remote = name in REMOTE_SYSTEMS or name.startswith("ckptstore")
+        remote = name in REMOTE_SYSTEMS or name.startswith("ckptstore") or name == CONTROL
         fetch = r.get("restore_fetch")
         lines.append(
             "| "
@@ -420,7 +479,7 @@ def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict) ->
                     f"{block / base_block:.2f}",
                     f"{cost:.3f} s (+{slow:.3f} s on the next interval)",
                     f"{r['durable']:.1f} s" if remote else "local only",
-                    f"{r['durable'] / tf_up['durable']:.2f}" if remote else "",
+                    f"{r['durable'] / tf_up['durable']:.2f}" if remote and tf_up else "",
                     f"{r['bytes_sent'] / MB:.0f} MB" if remote else "",
                     f"{util:.0%}" if util is not None else "",
                     f"{fetch:.1f} s" if fetch else "",
@@ -440,16 +499,33 @@ def report(results: dict, pressure: dict, link: dict, rates: dict, cfg: dict) ->
         f"{cfg.get('server_nice', 0)}; TensorFlow intra-op threads: "
         f"{cfg.get('intra_op_threads') or 'all cores'}).",
         "",
-        "| system | next interval slower by | this process's CPU above TF local "
+        "| system | next interval slower by | next interval / idle | / the control's "
+        "| this process's CPU above TF local | other uploading processes' CPU "
         "| S3 server + proxy CPU |",
-        "|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
+    control = results.get(CONTROL)
+    control_interval = interval_ratio(control) if control else None
     for name, r in results.items():
         slow, _ = foreground(r)
+        ratio = interval_ratio(r)
         lines.append(
-            f"| {name} | {slow:.2f} s | {(r['cpu_training'] - base_cpu) / k:+.2f} s "
-            f"| {r['server_cpu'] / k:.2f} s |"
+            f"| {name} | {slow:.2f} s | {ratio:.3f} | "
+            + (f"{ratio / control_interval:.3f}" if control_interval else "")
+            + f" | {(r['cpu_training'] - base_cpu) / k:+.2f} s "
+            f"| {r.get('elsewhere_cpu', 0.0) / k:.2f} s | {r['server_cpu'] / k:.2f} s |"
         )
+    if control:
+        lines += [
+            "",
+            f"The control ({CONTROL}: TensorFlow's local save, and the same bytes put by "
+            "another process while training goes on) measures what the link's servers and an "
+            "uploader cost training on these 2 shared cores, whoever uploads: its next interval "
+            f"is {control_interval:.3f}x an idle one. On a real link the store's CPU is on "
+            "another machine; here it is not, so the interval / idle ratio of any system that "
+            "uploads while training runs includes it, and '/ the control's' is the share a "
+            "system adds beyond it.",
+        ]
     bound = (k + 1) / (2 * k)
     lines += [
         "",
@@ -498,15 +574,18 @@ def plot(results: dict, pressure: dict, link: dict, out: str) -> None:
     ax1.set_title("Blocking time per save")
     ax1.legend(fontsize=8)
 
-    for name in REMOTE_SYSTEMS:
+    for name in [n for n in REMOTE_SYSTEMS if n in results]:
         r = results[name]
         ax2.plot([s[0] for s in r["samples"]], [s[1] / MB for s in r["samples"]], label=name)
         for t in r["saved_at"]:
             ax2.axvline(t, color="grey", alpha=0.08)
     # The link's measured rate, from the first save until one run's bytes could be through.
-    first = results["ckptstore"]["saved_at"][0]
-    total = results["ckptstore"]["bytes_sent"]
-    ax2.plot([first, first + total / link["up"]], [0, total / MB], "k--", lw=0.8, label="link rate")
+    if "ckptstore" in results:
+        first = results["ckptstore"]["saved_at"][0]
+        total = results["ckptstore"]["bytes_sent"]
+        ax2.plot(
+            [first, first + total / link["up"]], [0, total / MB], "k--", lw=0.8, label="link rate"
+        )
     ax2.set_xlabel("time (s)")
     ax2.set_ylabel("MB sent")
     ax2.set_title("Upload progress (grey: saves)")
@@ -543,6 +622,18 @@ def main() -> None:
         default=0,
         help="TensorFlow's intra-op threads in the workers (0: TensorFlow's default, all cores)",
     )
+    parser.add_argument(
+        "--upload-part-size-mib",
+        type=int,
+        default=None,
+        help="ckptstore's upload_part_size, MiB (default: ckptstore's own choice per file)",
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="comma-separated, of: " + ", ".join(SYSTEMS) + " (tf local is always run: "
+        "the ratios are against it); the back-pressure runs only with all of them",
+    )
     add_run_arguments(parser, "slow_link", "64 MiB, 4 saves: a smoke run")
     args = parser.parse_args()
     if args.worker:
@@ -550,6 +641,10 @@ def main() -> None:
         return
     if args.quick:
         args.size_mb, args.saves = 64, 4
+    chosen = {name.strip() for name in args.systems.split(",") if name.strip()}
+    if chosen - set(SYSTEMS):
+        parser.error(f"unknown systems: {', '.join(sorted(chosen - set(SYSTEMS)))}")
+    systems = [name for name in SYSTEMS if name in chosen or name == "tf local"]
 
     with open_link(args) as (servers, _, slow, link):
         interval = args.interval or args.size_mb * MiB * 1.05 / link["up"]
@@ -562,14 +657,15 @@ def main() -> None:
             "max_to_keep": args.max_to_keep,
             "server_nice": args.server_nice,
             "intra_op_threads": args.intra_op_threads,
+            "upload_part_size": args.upload_part_size_mib and args.upload_part_size_mib * MiB,
             "slow": slow,
         }
         results = {}
-        for system in SYSTEMS:
+        for system in systems:
             print(f"running {system} ...", flush=True)
             results[system] = run_system({**cfg, "system": system}, servers)
         pressure = {}
-        for policy in ("skip", "block"):
+        for policy in ("skip", "block") if len(systems) == len(SYSTEMS) else ():
             print(f"running back-pressure ({policy}) ...", flush=True)
             pressure[f'when_behind="{policy}"'] = run_system(
                 {
