@@ -279,6 +279,9 @@ def worker(cfg: dict) -> dict:
         for name in os.listdir(local_dir):
             if name.startswith(base + "."):
                 os.link(os.path.join(local_dir, name), os.path.join(copy, name))
+                # counted when handed over: the other process's progress is not seen here,
+                # and the run waits for all of it before it ends
+                sent[0] += os.path.getsize(os.path.join(copy, name))
         elsewhere.append(
             subprocess.Popen(
                 [sys.executable, "-c", PUT_ELSEWHERE, json.dumps(cfg["slow"]), prefix, copy]
