@@ -43,7 +43,7 @@ bench: bench-link
 	$(BIN)/python benchmarks/drive_transfer.py
 	$(BIN)/python benchmarks/upload_cpu.py --tls --profile
 
-# ckptstore against tf.train.CheckpointManager on a 40 MB/s link (about 15 minutes);
+# ckptstore against tf.train.CheckpointManager on a 40 MB/s link (about 20 minutes);
 # writes benchmarks/results/slow_link.{md,json,png}. ARGS=--quick for a 2-minute smoke run.
 bench-link: $(BENCH_DEPS)
 	$(BIN)/python benchmarks/slow_link.py $(ARGS)
