@@ -250,6 +250,7 @@ def test_part_crc32cs_from_the_describe_pass_match_the_parts(tmp_path, size, par
         (512 * 1024 * MiB, None, 53 * MiB),  # S3 takes at most 10,000 parts
         (20 * MiB, 5 * MiB, 5 * MiB),  # the user's choice is kept
         (20 * MiB, 1024, 5 * MiB),  # ... but never below S3's minimum
+        (20 * MiB, 0, 5 * MiB),  # ... even when it is 0 (a choice, not "choose for me")
         (100 * 1024 * MiB, 8 * MiB, 11 * MiB),  # ... nor into more than 10,000 parts
     ],
 )

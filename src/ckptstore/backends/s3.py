@@ -232,7 +232,7 @@ class S3Backend(Backend):
         Without a user's choice: 20 MB -> 8 MiB (3 parts), 72 MiB -> 9 MiB (8 parts),
         268 MB -> 32 MiB (8 parts), 2 GiB -> 32 MiB (64 parts), 512 GiB -> 53 MiB.
         """
-        if self.part_size:
+        if self.part_size is not None:
             part = max(MIN_PART, self.part_size)
         else:
             part = min(max(_whole_mib(-(-size // AUTO_PARTS)), AUTO_MIN_PART), AUTO_MAX_PART)
