@@ -1,8 +1,8 @@
 """Separate model and optimizer checkpoints, each on its own manager and schedule, on a remote.
 
 What it shows: the workflow with two ``tf.train.CheckpointManager`` objects, one for the model and
-one for the training state, runs on ckptstore with one changed line per manager, each with its own
-URL under the same base:
+one for the training state, runs on ckptstore with one changed line per manager (the URL, and
+``when_behind``, see below), each with its own URL under the same base:
 
 * ``tf.train.Checkpoint(model=model)`` every MODEL_EVERY (4) steps to ``<base>/model``,
   ``max_to_keep=5``;
@@ -31,8 +31,10 @@ evaluation, export or averaging (a model-only checkpoint is a third of a trainin
 Adam, which adds two slots per weight), while only the newest training states are kept for
 resuming; or when fine-tuning reloads the weights and starts a fresh optimizer. To resume
 exactly from them, save the model at every training-state save too (TRAIN_EVERY a multiple of
-MODEL_EVERY, and (MODEL_KEEP - 1) * MODEL_EVERY >= TRAIN_EVERY so it is still kept), number the
-checkpoints by step, and restore the model checkpoint of the optimizer's step, as run 2 does
+MODEL_EVERY, and (MODEL_KEEP - 1) * MODEL_EVERY >= TRAIN_EVERY so it is still kept), have
+every save uploaded (``when_behind="block"``: by default, when uploads fall behind the saves,
+the oldest waiting one is skipped so that training never waits), number the checkpoints by
+step, and restore the model checkpoint of the optimizer's step, as run 2 does
 with ``model_manager.fetch(f"ckpt-{step}")``. It then trains steps 41-60 and checks that the
 weights it recomputes at step 44 equal those run 1 saved there, bit for bit (CPU, op
 determinism on, data a function of the step), and that the remote keeps the 5 newest model
@@ -124,11 +126,23 @@ def train(base: str, storage_options: dict, until: int, journal_path: str, name:
     train_ckpt = tf.train.Checkpoint(optimizer=optimizer, step=step)
     # The changed lines: tf.train.CheckpointManager(model_ckpt, "./model_checkpoints", ...) and
     # tf.train.CheckpointManager(train_ckpt, "./optimizer_checkpoints", ...) become
+    # ckptstore.CheckpointManager with the URL. when_behind="block": the resume below takes the
+    # model checkpoint of the optimizer's step, so that save must reach the remote. By default
+    # ("skip"), when uploads fall behind the saves, ckptstore drops the oldest waiting upload so
+    # that training never waits, and that could be the one needed.
     model_manager = ckptstore.CheckpointManager(
-        model_ckpt, f"{base}/model", max_to_keep=MODEL_KEEP, storage_options=storage_options
+        model_ckpt,
+        f"{base}/model",
+        max_to_keep=MODEL_KEEP,
+        storage_options=storage_options,
+        when_behind="block",
     )
     train_manager = ckptstore.CheckpointManager(
-        train_ckpt, f"{base}/train_state", max_to_keep=TRAIN_KEEP, storage_options=storage_options
+        train_ckpt,
+        f"{base}/train_state",
+        max_to_keep=TRAIN_KEEP,
+        storage_options=storage_options,
+        when_behind="block",
     )
 
     # A new machine: each manager downloads and verifies its newest committed checkpoint.

@@ -8,23 +8,29 @@ happened (a kill, a restore from the remote, each check passing).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 
+from servers.faultproxy import FaultProxy
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_example(name: str, tmp_path, timeout: float = 240) -> tuple[list[str], str, str]:
-    """Run ``examples/<name>``; return its stdout lines, its stderr, and both for messages."""
+def run_example(
+    name: str, tmp_path, timeout: float = 240, args: tuple[str, ...] = ()
+) -> tuple[list[str], str, str]:
+    """Run ``examples/<name> [args]``; return its stdout lines, its stderr, and both for
+    messages."""
     env = dict(os.environ)
     for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         env.pop(var, None)  # nothing may point the example's local S3 elsewhere
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["CKPTSTORE_STAGING_DIR"] = str(tmp_path / "staging")
     proc = subprocess.run(
-        [sys.executable, os.path.join("examples", name)],
+        [sys.executable, os.path.join("examples", name), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -65,6 +71,29 @@ def test_separate_managers_example_restores_each_checkpoint_from_its_last_save(t
     checks = [line for line in lines if line.startswith("[run 2]   ")]
     assert len(checks) >= 5, output
     assert all(line.endswith(": YES") for line in checks), output
+
+
+def test_separate_managers_example_commits_every_save_when_uploads_fall_behind(s3_server, tmp_path):
+    # Saves come every few milliseconds; each upload waits 0.1 s per request here. With
+    # "skip", uploads falling behind dropped saves the example's resume needs (ckpt-28 and
+    # ckpt-32 once, in CI), and its end check failed.
+    with FaultProxy("127.0.0.1", s3_server.port, latency_s=0.1) as proxy:
+        options = s3_server.storage_options(proxy.endpoint_url)
+        lines, _, output = run_example(
+            "separate_managers.py",
+            tmp_path,
+            args=(
+                "--remote",
+                "s3://ckptstore-tests/examples",
+                "--storage-options",
+                json.dumps(options),
+            ),
+        )
+    checks = [line for line in lines if line.startswith("[run 2]   ")]
+    assert len(checks) >= 5 and all(line.endswith(": YES") for line in checks), output
+    held = [line.strip() for line in lines if line.startswith("  s3://")]
+    assert held[-2].endswith("/model: ckpt-44, ckpt-48, ckpt-52, ckpt-56, ckpt-60"), output
+    assert held[-1].endswith("/train_state: ckpt-50, ckpt-60"), output
 
 
 def test_saved_model_exports_example_loads_the_newest_committed_version(tmp_path):
