@@ -47,13 +47,21 @@ def arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+#: environment variables naming an AWS profile, which botocore loads even beside explicit keys
+_PROFILE_VARIABLES = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE")
+
+
 @contextlib.contextmanager
 def local_s3(bucket: str = BUCKET, key: str = "example") -> Iterator[dict[str, Any]]:
     """A moto S3 server on 127.0.0.1 holding an empty ``bucket``: the fsspec options reaching it.
 
     Its endpoint is ``options["client_kwargs"]["endpoint_url"]``. The server stops on leaving.
+    The user's ``AWS_PROFILE`` is set aside meanwhile (for the processes started here too):
+    botocore loads the profile it names even beside explicit keys, and fails when this machine
+    has no such profile, while the local server needs no account at all.
     """
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    set_aside = {v: os.environ.pop(v) for v in _PROFILE_VARIABLES if v in os.environ}
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request log lines
@@ -72,6 +80,7 @@ def local_s3(bucket: str = BUCKET, key: str = "example") -> Iterator[dict[str, A
         yield options
     finally:
         server.stop()
+        os.environ.update(set_aside)
 
 
 @contextlib.contextmanager

@@ -20,13 +20,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_example(
-    name: str, tmp_path, timeout: float = 240, args: tuple[str, ...] = ()
+    name: str,
+    tmp_path,
+    timeout: float = 240,
+    args: tuple[str, ...] = (),
+    profile: bool = True,
+    success: str = "example OK: ",
 ) -> tuple[list[str], str, str]:
     """Run ``examples/<name> [args]``; return its stdout lines, its stderr, and both for
-    messages."""
+    messages. ``profile``: ``AWS_PROFILE`` names a profile this machine lacks. ``success``: how
+    the last line starts."""
     env = dict(os.environ)
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         env.pop(var, None)  # nothing may point the example's local S3 elsewhere
+    env.pop("AWS_PROFILE", None)
+    if profile:  # a user's shell may name a profile this machine lacks: the local S3 needs none
+        env["AWS_PROFILE"] = "ckptstore-tests-no-such-profile"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["CKPTSTORE_STAGING_DIR"] = str(tmp_path / "staging")
     proc = subprocess.run(
@@ -40,8 +49,17 @@ def run_example(
     output = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, output
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1].startswith("example OK: "), output
+    assert lines[-1].startswith(success), output
     return lines, proc.stderr, output
+
+
+def test_make_demo_kills_a_run_and_resumes_it_from_the_local_s3_alone(tmp_path):
+    lines, _, output = run_example("demo.py", tmp_path, success="demo OK: ")
+    assert any(line.startswith("*** SIGKILL") for line in lines), output
+    restored = [line for line in lines if line.startswith("[run 2] restored ckpt-")]
+    assert len(restored) == 1 and ": YES (" in restored[0], output
+    assert lines[-2].startswith("committed on the remote at the end: "), output
+    assert lines[-2].endswith("ckpt-12"), output
 
 
 def test_custom_loop_example_resumes_after_a_kill_exactly(tmp_path):
@@ -88,6 +106,7 @@ def test_separate_managers_example_commits_every_save_when_uploads_fall_behind(s
                 "--storage-options",
                 json.dumps(options),
             ),
+            profile=False,  # with --remote the user's AWS_PROFILE applies, as it should
         )
     checks = [line for line in lines if line.startswith("[run 2]   ")]
     assert len(checks) >= 5 and all(line.endswith(": YES") for line in checks), output
