@@ -1,8 +1,8 @@
 """Separate model and optimizer checkpoints, each on its own manager and schedule, on a remote.
 
 What it shows: the workflow with two ``tf.train.CheckpointManager`` objects, one for the model and
-one for the training state, runs on ckptstore with one changed line per manager (the URL, and
-``when_behind``, see below), each with its own URL under the same base:
+one for the training state, runs on ckptstore with one changed call per manager (ckptstore's
+class, a URL, and ``when_behind="block"``, see below), each with its own URL under the same base:
 
 * ``tf.train.Checkpoint(model=model)`` every MODEL_EVERY (4) steps to ``<base>/model``,
   ``max_to_keep=5``;
