@@ -1004,10 +1004,11 @@ def report(
                 lines.append(f"- {100 * share:.0f}% {name} ({seconds:.2f} s)")
             lines.append("")
     lines += [
-        "Restores write the file into the page cache: their *sys* share moves with the "
-        "machine's memory pressure (reclaim is charged to the writer), by up to 2x between "
-        "workers here; compare restores by their *user* column and their range, not one "
-        "median.",
+        "Restores write the file into the page cache and receive it into fresh buffers: their "
+        "*sys* share moves with what fresh memory costs (reclaim is charged to the writer; on a "
+        "VM whose balloon reports free pages to the host, a first touch costs a host fault), "
+        "by up to 2x between workers here; compare restores by their *user* column and their "
+        "range, not one median.",
         "",
         "Rows: *ckptstore upload* = manifest.describe + artifact.upload_verified + "
         'Remote.commit ("of which": describe, upload+verify, commit, s/GB); *library '
