@@ -20,7 +20,7 @@ import ckptstore
 from ckptstore.backends import resolve
 from ckptstore.backends.gdrive import DriveBackend, split_drive_url
 from conftest import gdrive_remote
-from servers.fake_drive import make_google_auth
+from servers.fake_drive import make_gdrive_fs, make_google_auth
 from training import TrainState
 
 FAST = ckptstore.RetryPolicy(attempts=4, initial_delay=0.01, max_delay=0.05)
@@ -461,3 +461,23 @@ def test_every_checkpoint_commits_with_a_fifth_of_requests_failing(drive_server,
     direct.url, direct.root = spec.url, spec.root
     fresh, prefix = fresh_restore(direct, tmp_path / "b")
     assert os.path.basename(prefix) == "ckpt-4" and fresh.matches_step(4)
+
+
+def test_a_folder_left_empty_is_removed_and_its_path_can_be_used_again(drive_server):
+    spec = gdrive_remote(drive_server)
+    backend, root = resolve(spec.url, spec.storage_options)
+    backend.make_dirs(f"{root}/7/variables")
+    spec.fs.pipe_file(spec.path("7/variables/theirs.txt"), b"not ckptstore's")
+    # Not empty: kept, with what is in it.
+    assert backend.remove_empty_dir(f"{root}/7/variables") is False
+    spec.fs.rm_file(spec.path("7/variables/theirs.txt"))
+    assert backend.remove_empty_dir(f"{root}/7/variables") is True
+    assert backend.remove_empty_dir(f"{root}/7") is True
+    spec.fs.invalidate_cache()
+    assert spec.fs.ls(spec.path(""), detail=False) == []
+    # The same path again: made anew, not looked up in pydrive2's cache of the deleted folder.
+    backend.make_dirs(f"{root}/7/variables")
+    backend.write_atomic(f"{root}/7/variables/again.txt", b"again")
+    fresh = make_gdrive_fs(drive_server)  # the inspector's own cache knows the deleted folders
+    assert fresh.cat_file(spec.path("7/variables/again.txt")) == b"again"
+    assert len(fresh.ls(spec.path(""), detail=False)) == 1

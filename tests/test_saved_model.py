@@ -29,7 +29,7 @@ import tensorflow as tf
 
 import ckptstore
 import ckptstore.saved_model as sm
-from conftest import RemoteSpec, file_remote, memory_remote, s3_remote
+from conftest import RemoteSpec, file_remote, gdrive_remote, memory_remote, s3_remote
 from servers.faultproxy import FaultProxy
 
 MANIFEST = "saved_model.manifest.json"
@@ -342,6 +342,26 @@ def test_exporter_numbers_versions_retires_old_ones_and_load_finds_the_newest_co
     assert scaled_by(sm.load(base, storage_options=options), 7.0)
     # An explicit version URL loads that version.
     assert scaled_by(sm.load(f"{base}/5", storage_options=options), 5.0)
+
+
+@pytest.mark.parametrize("kind", ["file", "gdrive"])
+def test_a_retired_version_leaves_no_folder_behind(kind, request, tmp_path):
+    # Filesystems with folders (a local path, Drive): an empty numbered folder would look like
+    # a broken version to TF Serving, and it is ckptstore's litter in the user's Drive.
+    if kind == "gdrive":
+        spec = gdrive_remote(request.getfixturevalue("drive_server"))
+    else:
+        spec = file_remote(tmp_path)
+    base = f"{spec.url}/base"
+    exporter = sm.Exporter(
+        base, max_to_keep=1, storage_options=spec.storage_options, staging_dir=tmp_path / "s"
+    )
+    for scale in (1.0, 2.0):
+        exporter.save(Scaler(scale)).wait(120)
+    spec.fs.invalidate_cache()
+    listed = spec.fs.ls(spec.path("base"), detail=False)
+    assert [posixpath.basename(p.rstrip("/")) for p in listed] == ["2"]
+    assert scaled_by(sm.load(base, storage_options=spec.storage_options), 2.0)
 
 
 def test_saved_model_pb_goes_up_after_the_data_and_is_retired_right_after_the_manifest(

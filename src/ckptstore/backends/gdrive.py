@@ -173,6 +173,10 @@ class DriveBackend(Backend):
         ``fresh``: look the folder up again rather than in pydrive2's cache, so
         that copies of it that other processes created at the same moment count.
         """
+        return [i for i in self._titled(path, fresh=fresh) if i.get("mimeType") != FOLDER_MIME]
+
+    def _titled(self, path: str, *, fresh: bool = False) -> list[dict[str, Any]]:
+        """Every non-trashed item, file or folder, titled like ``path`` (oldest id first)."""
         _, base = self.fs.split_path(path)
         parent, title = posixpath.split(base)
         parent_ids = self.fs._path_to_item_ids(parent, use_cache=not fresh)
@@ -182,11 +186,7 @@ class DriveBackend(Backend):
         escaped = title.replace("\\", "\\\\").replace("'", "\\'")
         query = f"trashed=false and ({in_parents}) and title='{escaped}'"
         # Drive compares titles case-insensitively in queries; keep exact matches only.
-        found = [
-            item
-            for item in self.fs._gdrive_list(query)
-            if item["title"] == title and item.get("mimeType") != FOLDER_MIME
-        ]
+        found = [item for item in self.fs._gdrive_list(query) if item["title"] == title]
         return sorted(found, key=lambda item: item["id"])
 
     def _delete(self, item_id: str) -> None:
@@ -206,6 +206,26 @@ class DriveBackend(Backend):
     def remove(self, path: str) -> None:
         for item in self._items(path):
             self._delete(item["id"])
+
+    def remove_empty_dir(self, path: str) -> bool:
+        # pydrive2's filesystem has no rmdir (fsspec's default does nothing), so a retired
+        # SavedModel left its folders in the user's Drive. A folder is an item like a file:
+        # delete it (to the trash, as trash_only says) once no item is left in it.
+        folders = [i for i in self._titled(path) if i.get("mimeType") == FOLDER_MIME]
+        for folder in folders:
+            inside = self.fs._gdrive_list(f"trashed=false and '{folder['id']}' in parents")
+            if next(iter(inside), None) is not None:  # a lazy listing: its first item says
+                return False
+        for folder in folders:
+            self._delete(folder["id"])
+        # pydrive2 caches the ids of the folders it has seen: the next upload to this path
+        # must make the folder again, not put files into the deleted one.
+        _, base = self.fs.split_path(path)
+        cache = self.fs._ids_cache
+        for cached in [p for p in cache["dirs"] if p == base or p.startswith(f"{base}/")]:
+            for item_id in cache["dirs"].pop(cached):
+                cache["ids"].pop(item_id, None)
+        return True
 
     def make_dirs(self, path: str) -> None:
         # Creates the folder chain now, so a bad folder id or a missing permission
