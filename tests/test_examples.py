@@ -33,7 +33,8 @@ def run_example(
     env = dict(os.environ)
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         env.pop(var, None)  # nothing may point the example's local S3 elsewhere
-    env.pop("AWS_PROFILE", None)
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        env.pop(var, None)
     if profile:  # a user's shell may name a profile this machine lacks: the local S3 needs none
         env["AWS_PROFILE"] = "ckptstore-tests-no-such-profile"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -53,7 +53,8 @@ What Drive does differently from an object store, and what this module does:
 pydrive2's filesystem has no public call for "the files with this title, with
 their ids", so :meth:`DriveBackend._items` uses its private path-to-folder-id
 resolution (``_path_to_item_ids``, with its cache and shared-drive handling) and
-listing (``_gdrive_list``, with its retries). The conformance tests run these
+listing (``_gdrive_list``, with its retries); :meth:`DriveBackend.remove_empty_dir` also
+drops a deleted folder from that cache (``_ids_cache``). The conformance tests run these
 against pydrive2's real client, so a change there shows up as a failing test.
 """
 
