@@ -185,17 +185,26 @@ def main() -> None:
             lines, _ = playground.relay(start_run(work, url, options, "run 2"))
         print(f"\nthe uninterrupted reference run: {reference.last_line}")
 
-    restored = [int(m[1]) for m in (re.search(r"restored .* step (\d+)", x) for x in lines) if m]
-    if not restored or not 0 < restored[0] <= killed_at:
-        playground.fail(f"run 2 restored {restored or 'nothing'} from the remote")
+    # Run 2 must take the newest checkpoint committed when run 1 died. Not "one from before the
+    # step the kill was decided at": run 1 trains on, and may commit another checkpoint, while
+    # this process reads its output and the signal lands.
+    found = [
+        m for m in (re.search(r"\] restored (\S+) from \S+ -> step (\d+)", x) for x in lines) if m
+    ]
+    restored = [(m[1], int(m[2])) for m in found]
+    if len(restored) != 1 or restored[0][0] != after_kill[-1]:
+        playground.fail(
+            f"run 2 restored {restored or 'nothing'} from the remote, not {after_kill[-1]}"
+        )
     differences = playground.compare(
         os.path.join(work, "run-2.npz"), os.path.join(work, "reference.npz")
     )
     if differences:
         playground.fail("the resumed run differs: " + "; ".join(differences))
     print(
-        f"example OK: killed at step {killed_at}, resumed from step {restored[0]} on the remote "
-        f"with an empty staging directory, trained to step {STEPS}: final weights and optimizer "
+        f"example OK: killed at step {killed_at}, resumed from {restored[0][0]} (step "
+        f"{restored[0][1]}) on the remote with an empty staging directory, trained to step "
+        f"{STEPS}: final weights and optimizer "
         "state equal the uninterrupted run's, bit for bit"
     )
     shutil.rmtree(work)  # staging directories and results; kept when the example fails

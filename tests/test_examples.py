@@ -69,6 +69,11 @@ def test_custom_loop_example_resumes_after_a_kill_exactly(tmp_path):
     # It really was killed, and the second process really restored from the remote.
     assert any(line.startswith("*** SIGKILL") for line in lines), output
     assert any(line.startswith("[run 2] restored ckpt-") for line in lines), output
+    # ... the newest checkpoint committed when run 1 died (run 1 may commit one more after the
+    # line the kill was decided on: the signal lands later).
+    after_kill = [x for x in lines if x.startswith("committed on the remote after the kill: ")]
+    newest = after_kill[0].rsplit(", ", 1)[-1].rsplit(" ", 1)[-1]
+    assert any(line.startswith(f"[run 2] restored {newest} from ") for line in lines), output
     # manager.status() in the training log: one line, the run's URL and its last commit.
     status = [line for line in lines if line.startswith("[run 2] ckptstore s3://")]
     assert status and "last commit ckpt-" in status[-1], output
